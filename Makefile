@@ -1,0 +1,45 @@
+# gppy-stage: the two commands a newcomer needs are `make demo` and `make test`.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+SUDO ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages the science needs (binaries: source-extractor, scamp, SWarp, missfits, solve-field)
+DEBS = source-extractor scamp swarp missfits astrometry.net astrometry-data-tycho2
+DEMO_ROOT ?= demo-night
+PYTEST_ARGS ?=
+
+.PHONY: help deps-debian install test test-fast demo bench render check-manifests images clean
+
+help:
+	@echo "make demo   simulate a small 7DT night and run the pipeline on it (./$(DEMO_ROOT))"
+	@echo "make test   install everything needed (Python and Debian packages) and run the tests"
+	@echo "make bench  benchmarks with ratios against named baselines"
+
+deps-debian:
+	@missing=""; \
+	for b in source-extractor scamp SWarp missfits solve-field; do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	ls /usr/share/astrometry/index-41*.fits >/dev/null 2>&1 || missing="$$missing tycho2-index"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages (missing:$$missing)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(DEBS) >/dev/null; \
+	fi
+
+install: deps-debian
+	$(PIP) install -q --disable-pip-version-check -e ".[test]"
+
+test: install
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow and not container" $(PYTEST_ARGS)
+
+demo: install
+	rm -rf $(DEMO_ROOT)
+	gppy sim night --out $(DEMO_ROOT) --unit 7DT01 --night 2025-01-01 --filters m425,m475 --seed 7 > /dev/null
+	gppy night run --root $(DEMO_ROOT) --obs 7DT01 --night 2025-01-01_gain2750
+
+bench: install
+	$(PYTHON) bench/bench_masters.py
+	@if [ -f bench/bench_subtract.py ]; then $(PYTHON) bench/bench_subtract.py; fi
+
+clean:
+	rm -rf $(DEMO_ROOT) .pytest_cache build *.egg-info

@@ -1,0 +1,214 @@
+"""The ``gppy`` command line. Thin: every command calls a stage, the runner or the simulator."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import __version__, errors, graph, log
+
+app = typer.Typer(help="gppy-stage: the 7DT / IMSNG imaging pipeline, locally or as Argo batch jobs.",
+                  no_args_is_help=True, add_completion=False)
+night_app = typer.Typer(help="Whole nights: plan and run every stage.", no_args_is_help=True)
+stage_app = typer.Typer(help="One stage on one item, exactly as the Argo workflow calls it.", no_args_is_help=True)
+sim_app = typer.Typer(help="Simulated 7DT data with known truth.", no_args_is_help=True)
+library_app = typer.Typer(help="The master library (master_frame/<unit>/...).", no_args_is_help=True)
+app.add_typer(night_app, name="night")
+app.add_typer(stage_app, name="stage")
+app.add_typer(sim_app, name="sim")
+app.add_typer(library_app, name="library")
+
+ROOT_HELP = "Storage root: a folder or s3://bucket/prefix, laid out as obsdata/<unit>/<night>/..."
+OBS_HELP = "Unit or observatory, e.g. 7DT01 (a row of config/instruments.csv)."
+NIGHT_HELP = "Night folder, e.g. 2025-01-01_gain2750; default: the unit's latest complete night."
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"gppy-stage {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")):
+    log.setup()
+
+
+def _fail(exc: BaseException) -> None:
+    """Print a typed error as one line and exit with its documented code."""
+    code = errors.exit_code_for(exc)
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(code)
+
+
+def _night_or_latest(root: str, obs: str, night: Optional[str]) -> str:
+    from .stages.plan import latest_night
+
+    return night or latest_night(root, obs)
+
+
+# --- nights -----------------------------------------------------------------------------
+
+
+@night_app.command("run")
+def night_run(
+    root: str = typer.Option(..., "--root", help=ROOT_HELP),
+    obs: str = typer.Option(..., "--obs", help=OBS_HELP),
+    night: Optional[str] = typer.Option(None, "--night", help=NIGHT_HELP),
+    force: bool = typer.Option(False, "--force", help="Redo work whose outputs already exist."),
+    workers: int = typer.Option(0, "--workers", help="Worker processes (0: one per core)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the night report JSON here."),
+):
+    """Plan a night and run every stage on it; print a summary and write the night report."""
+    from .runner import run_night, summary_text
+
+    try:
+        result = run_night(root, obs, night, force=force, workers=workers or None)
+    except errors.GppyError as exc:
+        _fail(exc)
+    if report:
+        report.write_text(json.dumps(result, indent=1, default=str))
+    typer.echo(summary_text(result))
+
+
+@app.command("plan")
+def plan_cmd(
+    root: str = typer.Option(..., "--root", help=ROOT_HELP),
+    obs: str = typer.Option(..., "--obs", help=OBS_HELP),
+    night: Optional[str] = typer.Option(None, "--night", help=NIGHT_HELP),
+):
+    """Plan a night (classify frames, group calibration sets and stacks) and print the plan's summary."""
+    from .runner import execute
+
+    try:
+        night = _night_or_latest(root, obs, night)
+    except errors.GppyError as exc:
+        _fail(exc)
+    record = execute("plan", root, obs, night)
+    typer.echo(json.dumps(record.get("result") or record.get("error"), indent=1))
+    raise typer.Exit(record["exit_code"])
+
+
+# --- stages (built from the graph, so the workflow and the CLI cannot disagree) ----------
+
+
+def _stage_command(stage: graph.Stage):
+    def command(**kwargs):
+        from .runner import execute
+
+        root, obs, night, force = kwargs.pop("root"), kwargs.pop("obs"), kwargs.pop("night"), kwargs.pop("force")
+        item = kwargs.pop(stage.fanout, None) if stage.item_arg else None
+        try:
+            night = _night_or_latest(root, obs, night)
+        except errors.GppyError as exc:
+            _fail(exc)
+        extra = {k: v for k, v in kwargs.items() if v is not None}
+        record = execute(stage.name, root, obs, night, item, force, **extra)
+        typer.echo(json.dumps({k: record.get(k) for k in ("stage", "item", "status", "exit_code", "seconds",
+                                                          "result", "error")}, default=str))
+        raise typer.Exit(record["exit_code"])
+
+    P = inspect.Parameter
+    params = [
+        P("root", P.KEYWORD_ONLY, annotation=str, default=typer.Option(..., "--root", help=ROOT_HELP)),
+        P("obs", P.KEYWORD_ONLY, annotation=str, default=typer.Option(..., "--obs", help=OBS_HELP)),
+        P("night", P.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(None, "--night", help=NIGHT_HELP)),
+    ]
+    if stage.item_arg:
+        params.append(P(stage.fanout, P.KEYWORD_ONLY, annotation=str,
+                        default=typer.Option(..., stage.item_arg, help=f"The {stage.fanout} id (from plan.json).")))
+    if stage.name == "plan":
+        params.append(P("outputs_dir", P.KEYWORD_ONLY, annotation=Optional[str],
+                        default=typer.Option(None, "--outputs-dir",
+                                             help="Write the fan-out lists (calsets.json, frames.json, stacks.json, night) here, for Argo.")))
+    params.append(P("force", P.KEYWORD_ONLY, annotation=bool,
+                    default=typer.Option(False, "--force", help="Redo the work even if its outputs exist.")))
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = stage.help + ("" if not stage.gpu else " Runs on the GPU when GPPY_DEVICE=gpu|auto finds one.")
+    command.__name__ = stage.name
+    return command
+
+
+for _stage in graph.STAGES:
+    stage_app.command(_stage.name, help=_stage.help)(_stage_command(_stage))
+
+
+# --- single frames, the simulator, the library ---------------------------------------------
+
+
+@app.command("reduce-file")
+def reduce_file_cmd(
+    path: str = typer.Argument(..., help="A raw frame (path or URL) of any telescope."),
+    out: str = typer.Option(..., "--out", help="Where to write the reduced frame."),
+    obs: Optional[str] = typer.Option(None, "--obs", help=OBS_HELP + " Gives gain and read noise when the header lacks them."),
+    cosmic_rays: bool = typer.Option(True, "--cosmic-rays/--no-cosmic-rays", help="Remove cosmic rays (LIGHT frames)."),
+):
+    """Reduce one frame on its own: header normalisation, overscan, masks, variance, cosmic rays."""
+    from .stages.reduce import reduce_file
+
+    try:
+        result = reduce_file(path, out, obs, cosmic_rays)
+    except errors.GppyError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(result, default=str))
+
+
+@sim_app.command("night")
+def sim_night(
+    out: Path = typer.Option(..., "--out", help="Folder to write (a storage root: obsdata/, ref_cat/, truth/...)."),
+    unit: str = typer.Option("7DT01", "--unit", help="Unit to simulate."),
+    night: str = typer.Option("2025-01-01", "--night", help="Night date (YYYY-MM-DD)."),
+    filters: str = typer.Option("m425,m475", "--filters", help="Comma-separated filters."),
+    size: str = typer.Option("small", "--size", help="small (1536x1024, seconds) or full (9576x6388)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same night."),
+    calib: str = typer.Option("bias,dark,flat", "--calib", help="Calibration frames the night has."),
+    n_science: int = typer.Option(3, "--n-science", help="Science frames per filter."),
+):
+    """Simulate a raw 7DT night in the exact TCSpy layout, with truth and a reference catalogue."""
+    from .sim import simulate_night
+
+    summary = simulate_night(out, unit=unit, night=night, filters=tuple(f for f in filters.split(",") if f),
+                             size=size, seed=seed, calib=tuple(c for c in calib.split(",") if c),
+                             n_science=n_science)
+    typer.echo(json.dumps(summary, indent=1, default=str))
+
+
+@library_app.command("list")
+def library_list(
+    root: str = typer.Option(..., "--root", help=ROOT_HELP),
+    obs: str = typer.Option(..., "--obs", help=OBS_HELP),
+):
+    """List the masters of a unit with their QA verdicts (the index the planner queries)."""
+    from . import library
+
+    for kind in library.KINDS:
+        for m in sorted(library.index(root, obs, kind), key=lambda m: m.mjd):
+            extra = f"{m.exptime:g}s" if kind == "dark" and m.exptime is not None else (m.filter or "")
+            typer.echo(f"{kind:<5} {m.mjd:12.5f} {extra:<8} {m.verdict:<5} {m.key}")
+
+
+def _register_optional():
+    """Commands of parts that may not be installed everywhere (the cluster side needs hera/kubernetes)."""
+    try:
+        from .cluster.cli import register
+    except ImportError:
+        return
+    register(app)
+
+
+_register_optional()
+
+
+def run():  # pragma: no cover - console entry for python -m
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

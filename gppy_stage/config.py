@@ -1,0 +1,129 @@
+"""Configuration: the instrument registry, header rules and pipeline settings.
+
+Everything lives in the ``config/`` folder of the repository (or the folder named by
+``GPPY_CONFIG``, as mounted from a ConfigMap in the cluster). Adding an observatory is
+adding a row to ``instruments.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+def config_dir() -> Path:
+    """The configuration folder: ``$GPPY_CONFIG`` or the repository's ``config/``."""
+    env = os.environ.get("GPPY_CONFIG")
+    candidates = [Path(env)] if env else []
+    candidates += [Path(__file__).resolve().parent.parent / "config", Path("/etc/gppy")]
+    for path in candidates:
+        if (path / "instruments.csv").is_file():
+            return path
+    raise ConfigError(
+        "no configuration folder found (looked in "
+        + ", ".join(str(p) for p in candidates)
+        + "); set GPPY_CONFIG to the folder holding instruments.csv"
+    )
+
+
+@dataclass(frozen=True)
+class Instrument:
+    """One row of the instrument registry."""
+
+    obs: str
+    camera: str
+    gain: float  # e-/ADU
+    rdnoise: float  # e-
+    dark: float | None  # e-/s/pixel
+    pixscale: float  # arcsec/pixel
+    fov_arcmin: float
+    nx: int
+    ny: int
+    saturation: float  # ADU
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Full-frame (rows, columns), as numpy orders them."""
+        return (self.ny, self.nx)
+
+
+@functools.lru_cache(maxsize=None)
+def _instruments(folder: str) -> dict[str, Instrument]:
+    out = {}
+    with open(Path(folder) / "instruments.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            try:
+                out[row["obs"].upper()] = Instrument(
+                    obs=row["obs"],
+                    camera=row["camera"],
+                    gain=float(row["gain"]),
+                    rdnoise=float(row["rdnoise"]),
+                    dark=float(row["dark"]) if row["dark"] else None,
+                    pixscale=float(row["pixscale"]),
+                    fov_arcmin=float(row["fov_arcmin"]),
+                    nx=int(row["nx"]),
+                    ny=int(row["ny"]),
+                    saturation=float(row["saturation"]),
+                )
+            except (KeyError, ValueError) as exc:
+                raise ConfigError(f"bad row {row!r}: {exc}", path=str(Path(folder) / "instruments.csv")) from exc
+    return out
+
+
+def instruments() -> dict[str, Instrument]:
+    return _instruments(str(config_dir()))
+
+
+def instrument(obs: str) -> Instrument:
+    """The registry row of a unit or observatory (``7DT03``, ``LOAO``...)."""
+    table = instruments()
+    try:
+        return table[obs.upper()]
+    except KeyError:
+        raise ConfigError(
+            f"unknown observatory {obs!r}: add a row to instruments.csv (known: {', '.join(sorted(table))})"
+        ) from None
+
+
+@functools.lru_cache(maxsize=None)
+def _yaml(folder: str, name: str) -> dict[str, Any]:
+    path = Path(folder) / name
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read: {exc}", path=str(path)) from exc
+
+
+def header_rules() -> dict[str, Any]:
+    return _yaml(str(config_dir()), "header_rules.yaml")
+
+
+def settings(section: str | None = None) -> dict[str, Any]:
+    """Pipeline settings (``pipeline.yaml``), or one section of them."""
+    data = _yaml(str(config_dir()), "pipeline.yaml")
+    if section is None:
+        return data
+    if section not in data:
+        raise ConfigError(f"pipeline.yaml has no section {section!r}")
+    return data[section]
+
+
+def settings_hash(obj: Any) -> str:
+    """A short, stable hash of settings (or of anything JSON can write)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_hash(path: str | Path) -> str:
+    """A short hash of a config file's bytes (tool settings go into product headers)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

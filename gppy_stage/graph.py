@@ -1,0 +1,107 @@
+"""The stage graph: the one definition both the local runner and the Argo workflow are built from.
+
+Each stage is a command ``gppy stage <name> --root URL --obs UNIT --night NIGHT [--<fanout> ID]``.
+``fanout`` says what one invocation works on:
+
+- ``night``:  once per night (no item argument)
+- ``calset``: once per calibration set listed in plan.json's ``calsets``
+- ``frame``:  once per science frame listed in plan.json's ``frames``
+- ``stack``:  once per stack group listed in plan.json's ``stacks``
+
+The plan stage writes each list's ids as an output (``--outputs-dir``), which Argo's ``withParam``
+consumes; the local runner reads the same lists from plan.json. A test proves both agree.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+FANOUTS = ("night", "calset", "frame", "stack")
+# plan.json key holding the items of each fan-out
+PLAN_LISTS = {"calset": "calsets", "frame": "frames", "stack": "stacks"}
+COMMON_ARGS = ("--root", "--obs", "--night")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fanout: str
+    needs: tuple[str, ...]
+    entry: str  # "module:function", imported only when the stage runs
+    help: str
+    gpu: bool = False
+    cpu: str = "1"
+    memory: str = "2Gi"
+    # stages of the same fan-out run one after another for each item (reduce -> astrometry ->
+    # photometry for one frame); `needs` across fan-outs waits for the whole fan-out.
+    exit_handler: bool = False
+    extra_args: tuple[str, ...] = field(default=())
+
+    def __post_init__(self):
+        if self.fanout not in FANOUTS:
+            raise ValueError(f"stage {self.name}: unknown fanout {self.fanout!r}")
+
+    @property
+    def item_arg(self) -> str | None:
+        """The option that names the item (``--frame``...), or None for per-night stages."""
+        return None if self.fanout == "night" else f"--{self.fanout}"
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return COMMON_ARGS + ((self.item_arg,) if self.item_arg else ()) + self.extra_args
+
+    def function(self) -> Callable[..., dict]:
+        module, _, func = self.entry.partition(":")
+        return getattr(importlib.import_module(module), func)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        name="plan",
+        fanout="night",
+        needs=(),
+        entry="gppy_stage.stages.plan:run",
+        help="Read the night's headers, classify frames, group calibration sets and stacks, write plan.json.",
+        memory="1Gi",
+    ),
+    Stage(
+        name="masters",
+        fanout="calset",
+        needs=("plan",),
+        entry="gppy_stage.stages.masters:run",
+        help="Combine one calibration set into master bias, darks and flats; add them to the master library.",
+        gpu=True,
+        cpu="2",
+        memory="6Gi",
+    ),
+    Stage(
+        name="reduce",
+        fanout="frame",
+        needs=("masters",),
+        entry="gppy_stage.stages.reduce:run",
+        help="Bias, dark and flat correct one science frame, mask it and remove cosmic rays.",
+        gpu=True,
+        cpu="2",
+        memory="6Gi",
+    ),
+)
+
+
+def stage(name: str) -> Stage:
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise KeyError(f"no stage {name!r}; stages are: {', '.join(s.name for s in STAGES)}")
+
+
+def ordered() -> list[Stage]:
+    """Stages in an order that respects ``needs`` (the order of STAGES, checked)."""
+    seen: set[str] = set()
+    for s in STAGES:
+        missing = set(s.needs) - seen
+        if missing:
+            raise ValueError(f"stage {s.name} needs {sorted(missing)} which come later or do not exist")
+        seen.add(s.name)
+    return list(STAGES)

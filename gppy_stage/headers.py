@@ -1,0 +1,207 @@
+"""Raw headers: normalisation onto the 7DT vocabulary, and what the planner needs of a frame.
+
+Every telescope of the network spells IMAGETYP and FILTER its own way (config/header_rules.yaml
+maps them). The header wins over the file name when they disagree; the disagreement is logged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+from astropy.io import fits
+from astropy.time import Time
+
+from . import config, log
+from .errors import BadInputError
+from .names import parse_raw_name
+
+_log = log.get("headers")
+
+BLOCK = 2880  # FITS files are whole multiples of this many bytes
+
+
+def _norm(value) -> str:
+    return str(value).strip().lower()
+
+
+def _first(header: fits.Header, keys, skip=()) -> object | None:
+    for key in keys:
+        if key in header and header[key] is not None and _norm(header[key]) not in skip:
+            return header[key]
+    return None
+
+
+def normalise_imagetyp(value) -> str | None:
+    if value is None:
+        return None
+    v = _norm(value)
+    for canonical, aliases in config.header_rules()["imagetyp"].items():
+        if v == canonical.lower() or v in (_norm(a) for a in aliases):
+            return canonical
+    return None
+
+
+def normalise_filter(value) -> str | None:
+    if value is None:
+        return None
+    rules = config.header_rules()
+    raw = str(value).strip()
+    v = _norm(raw)
+    for canonical, aliases in rules.get("filters", {}).items():
+        if v in (_norm(a) for a in aliases):
+            return canonical
+    for canonical, prefixes in rules.get("filter_prefixes", {}).items():
+        if any(v.startswith(_norm(p)) for p in prefixes):
+            return canonical
+    return raw
+
+
+def normalise(header: fits.Header, source: str = "") -> fits.Header:
+    """A copy of ``header`` with IMAGETYP, FILTER, EXPTIME, DATE-OBS... in the 7DT vocabulary.
+
+    Keys are only added or rewritten, never dropped, so nothing the telescope wrote is lost.
+    """
+    rules = config.header_rules()
+    out = header.copy()
+    aliases = rules["key_aliases"]
+    empty = {_norm(x) for x in rules.get("filter_empty", [])}
+    for key, candidates in aliases.items():
+        value = _first(header, candidates, skip=empty if key == "FILTER" else ())
+        if value is None:
+            continue
+        if key == "IMAGETYP":
+            canonical = normalise_imagetyp(value)
+            if canonical is None:
+                raise BadInputError(f"unknown IMAGETYP {value!r}: add it to config/header_rules.yaml", path=source)
+            if _norm(value) != canonical.lower():
+                out["IMAGEORI"] = (str(value), "IMAGETYP as the telescope wrote it")
+            value = canonical
+        elif key == "FILTER":
+            canonical = normalise_filter(value)
+            if canonical != str(value).strip():
+                out["FILTORI"] = (str(value), "FILTER as the telescope wrote it")
+            value = canonical
+        if key not in header or header[key] != value:
+            out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """What the planner knows of one raw frame, from its header (and its name, for checks)."""
+
+    url: str
+    name: str
+    imagetyp: str
+    filter: str | None
+    exptime: float
+    date_obs: str  # ISO UTC
+    mjd: float
+    unit: str
+    object: str
+    binning: int
+    gain: int | None
+    camera: str
+    shape: tuple[int, int]  # (rows, columns)
+    size: int
+
+    @property
+    def when(self) -> datetime:
+        return datetime.fromisoformat(self.date_obs)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+def _parse_date(value, source: str) -> datetime:
+    try:
+        t = Time(str(value).strip(), format="isot", scale="utc")
+    except ValueError:
+        try:
+            t = Time(str(value).strip(), scale="utc")
+        except ValueError:
+            raise BadInputError(f"DATE-OBS {value!r} is not an ISO date", path=source) from None
+    return t.to_datetime(timezone.utc).replace(tzinfo=None)
+
+
+def frame_info(header: fits.Header, url: str, size: int, expected_shape: tuple[int, int] | None = None) -> FrameInfo:
+    """Check a raw header and describe the frame. Bad frames raise BadInputError with the reason."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    h = normalise(header, url)
+    for key in ("IMAGETYP", "DATE-OBS"):
+        if key not in h:
+            raise BadInputError(f"header has no {key}", path=url)
+    if "EXPTIME" not in h:
+        raise BadInputError("header has no EXPTIME (nor EXPOSURE)", path=url)
+    try:
+        exptime = float(h["EXPTIME"])
+    except (TypeError, ValueError):
+        raise BadInputError(f"EXPTIME {h['EXPTIME']!r} is not a number", path=url) from None
+    if not math.isfinite(exptime) or exptime < 0:
+        raise BadInputError(f"EXPTIME {exptime} is not a valid exposure", path=url)
+    when = _parse_date(h["DATE-OBS"], url)
+    naxis = int(h.get("NAXIS", 0))
+    if naxis != 2:
+        raise BadInputError(f"expected a 2-D image in the primary HDU, found NAXIS={naxis}", path=url)
+    shape = (int(h["NAXIS2"]), int(h["NAXIS1"]))
+    binning = int(h.get("XBINNING", 1) or 1)
+    if expected_shape is not None:
+        want = (expected_shape[0] // binning, expected_shape[1] // binning)
+        if shape != want:
+            raise BadInputError(f"image is {shape[1]}x{shape[0]} but the detector is {want[1]}x{want[0]} at {binning}x{binning}", path=url)
+    # A truncated upload is the commonest bad frame: FITS files are whole 2880-byte blocks and
+    # at least as long as their data. Checking sizes costs nothing and needs no download.
+    data_bytes = abs(int(h.get("BITPIX", 16))) // 8 * shape[0] * shape[1]
+    if size and (size % BLOCK or size < data_bytes + BLOCK):
+        raise BadInputError(f"file is truncated ({size} bytes; the header promises {data_bytes} bytes of data)", path=url)
+    imagetyp = h["IMAGETYP"]
+    unit = str(h.get("TELESCOP", "")).strip()
+    obj = str(h.get("OBJECT", "")).strip()
+    filt = h.get("FILTER")
+    try:
+        from_name = parse_raw_name(name)
+    except BadInputError:
+        from_name = None
+    if from_name is not None:
+        checks = {
+            "unit": (from_name.unit, unit),
+            "object": (from_name.object, obj if imagetyp == "LIGHT" else imagetyp),
+            "filter": (from_name.filter, filt),
+            "exptime": (from_name.exptime, round(exptime, 1)),
+            "imagetyp": (from_name.imagetyp, imagetyp),
+        }
+        for what, (by_name, by_header) in checks.items():
+            if by_header not in (None, "") and str(by_name) != str(by_header):
+                if what == "filter" and imagetyp in ("BIAS", "DARK"):
+                    continue  # TCSpy names biases and darks with whatever filter is in the beam
+                log.event(_log, "file name and header disagree; the header wins", file=name, key=what,
+                          name_value=by_name, header_value=by_header)
+        unit = unit or from_name.unit
+        obj = obj or from_name.object
+    mjd = float(h["MJD"]) if "MJD" in h else Time(when).mjd
+    gain = h.get("GAIN")
+    return FrameInfo(
+        url=url,
+        name=name,
+        imagetyp=imagetyp,
+        filter=None if filt is None else str(filt),
+        exptime=exptime,
+        date_obs=when.isoformat(timespec="milliseconds"),
+        mjd=mjd,
+        unit=unit,
+        object=obj,
+        binning=binning,
+        gain=int(gain) if isinstance(gain, (int, float)) and float(gain).is_integer() else None,
+        camera=str(h.get("INSTRUME", "")).strip(),
+        shape=shape,
+        size=size,
+    )
+
+
+def header_from_head_text(text: str) -> fits.Header:
+    """Parse a TCSpy ``.head`` sidecar (a text copy of the header, one card per line)."""
+    return fits.Header.fromstring(text, sep="\n")

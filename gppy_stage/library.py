@@ -1,0 +1,84 @@
+"""The master library: masters under ``master_frame/<unit>/{zero,dark,flat}/`` and their index.
+
+The index is the set of sidecars (``<master>.fits.json``) the masters stage writes beside each
+master: one object per master, so masters of different calibration sets can be written at once
+without a shared index file to race on. A query is banzai's: same unit, binning and gain (and
+filter for flats), inside a validity window, not flagged bad, nearest in time; darks prefer the
+same exposure time and otherwise the nearest one (the reduction scales it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from . import storage
+from .config import settings
+
+KINDS = ("zero", "dark", "flat")
+
+
+@dataclass(frozen=True)
+class Master:
+    key: str  # relative to the root
+    kind: str
+    unit: str
+    mjd: float
+    binning: int
+    gain: int | None
+    exptime: float | None
+    filter: str | None
+    verdict: str
+
+    @classmethod
+    def from_sidecar(cls, key: str, meta: dict) -> "Master":
+        return cls(
+            key=key,
+            kind=meta["kind"],
+            unit=meta["unit"],
+            mjd=float(meta["mjd"]),
+            binning=int(meta.get("binning", 1)),
+            gain=meta.get("gain"),
+            exptime=meta.get("exptime"),
+            filter=meta.get("filter"),
+            verdict=meta.get("qa", {}).get("verdict", "good"),
+        )
+
+
+def index(root: str, unit: str, kind: str) -> list[Master]:
+    """Every master of a kind for a unit, read from the sidecars."""
+    prefix = storage.join(root, "master_frame", unit, kind)
+    out = []
+    for obj in storage.list_objects(prefix):
+        if not obj.key.endswith(".fits.json"):
+            continue
+        meta = json.loads(storage.get_bytes(obj.url))
+        key = f"master_frame/{unit}/{kind}/{obj.key[: -len('.json')]}"
+        out.append(Master.from_sidecar(key, meta))
+    return out
+
+
+def choose(candidates: list[Master], *, kind: str, mjd: float, binning: int, gain: int | None,
+           exptime: float | None = None, filt: str | None = None, validity_days: float | None = None,
+           exclude: tuple[str, ...] = ()) -> Master | None:
+    """The best master for a frame taken at ``mjd``, or None. Pure: the query without the I/O."""
+    window = validity_days if validity_days is not None else settings("masters")["validity_days"][kind]
+    ok = [
+        m for m in candidates
+        if m.kind == kind and m.verdict != "bad" and m.key not in exclude and m.binning == binning
+        and (gain is None or m.gain is None or m.gain == gain)
+        and (kind != "flat" or m.filter == filt)
+        and abs(m.mjd - mjd) <= window
+    ]
+    if not ok:
+        return None
+
+    def rank(m: Master):
+        exposure_miss = abs((m.exptime or 0.0) - (exptime or 0.0)) if kind == "dark" else 0.0
+        return (exposure_miss > 1e-3, exposure_miss, abs(m.mjd - mjd))
+
+    return min(ok, key=rank)
+
+
+def find(root: str, unit: str, kind: str, **query) -> Master | None:
+    return choose(index(root, unit, kind), kind=kind, **query)

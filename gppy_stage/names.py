@@ -1,0 +1,167 @@
+"""File and folder names of the 7DT system (see docs/7DT.md, "Names and folders").
+
+Raw frame:   <UNIT>_<YYYYMMDD>_<HHMMSS>_<OBJECT>_<FILTER>_<XBIN>x<YBIN>_<EXPTIME>s_<NNNN>.fits
+Night:       <YYYY-MM-DD>_gain2750 | <YYYY-MM-DD>_ToO_gain2750 | <YYYY-MM-DD>_gain2750_ToO | ..._1x1
+Processed:   calib_<unit>_<field>_<YYYYMMDD>_<HHMMSS>_<filter>_<exptime>.fits
+
+OBJECT may itself contain ``_``, so raw names are split from both ends.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+
+from .errors import BadInputError
+
+_RAW_HEAD = re.compile(r"^(?P<unit>[A-Za-z0-9]+?)_(?P<date>\d{8})_(?P<time>\d{6})_(?P<rest>.+)$")
+_RAW_TAIL = re.compile(
+    r"_(?P<filter>[^_]+)_(?P<xbin>\d+)x(?P<ybin>\d+)_(?P<exptime>\d+(?:\.\d+)?)s_(?P<seq>\d+)$"
+)
+_NIGHT = re.compile(
+    r"^(?P<date>\d{4}-\d{2}-\d{2})(?P<flags>(?:_(?:gain\d+|ToO|\d+x\d+|test|[A-Za-z0-9]+))*)$"
+)
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.fz", ".fit.fz", ".fits.gz")
+
+
+def strip_fits_suffix(name: str) -> str | None:
+    """The stem of a FITS file name, or None when it is not a FITS name."""
+    lower = name.lower()
+    for suffix in FITS_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+@dataclass(frozen=True)
+class RawName:
+    unit: str
+    date: str  # YYYYMMDD, UTC
+    time: str  # HHMMSS, UTC
+    object: str
+    filter: str
+    xbin: int
+    ybin: int
+    exptime: float
+    seq: int
+
+    @property
+    def datetime(self) -> datetime:
+        return datetime.strptime(self.date + self.time, "%Y%m%d%H%M%S")
+
+    @property
+    def imagetyp(self) -> str:
+        """What the name implies: calibrations use OBJECT BIAS, DARK or FLAT."""
+        return self.object.upper() if self.object.upper() in ("BIAS", "DARK", "FLAT") else "LIGHT"
+
+
+def parse_raw_name(filename: str) -> RawName:
+    """Parse a TCSpy raw frame name (a bare name or a path/URL)."""
+    base = filename.rsplit("/", 1)[-1]
+    stem = strip_fits_suffix(base)
+    if stem is None:
+        raise BadInputError("not a FITS file name", path=filename)
+    head = _RAW_HEAD.match(stem)
+    tail = _RAW_TAIL.search(stem)
+    if not head or not tail or tail.start() <= len(head.group("unit")) + 16:
+        raise BadInputError(
+            "not a TCSpy raw name (<UNIT>_<YYYYMMDD>_<HHMMSS>_<OBJECT>_<FILTER>_<B>x<B>_<EXPTIME>s_<NNNN>)",
+            path=filename,
+        )
+    obj = stem[head.start("rest") : tail.start()]
+    return RawName(
+        unit=head.group("unit"),
+        date=head.group("date"),
+        time=head.group("time"),
+        object=obj,
+        filter=tail.group("filter"),
+        xbin=int(tail.group("xbin")),
+        ybin=int(tail.group("ybin")),
+        exptime=float(tail.group("exptime")),
+        seq=int(tail.group("seq")),
+    )
+
+
+def raw_name(unit: str, when: datetime, obj: str, filt: str, binning: int, exptime: float, seq: int) -> str:
+    """Build a TCSpy raw frame name (the simulator writes these)."""
+    return f"{unit}_{when:%Y%m%d_%H%M%S}_{obj}_{filt}_{binning}x{binning}_{exptime:.1f}s_{seq:04d}.fits"
+
+
+@dataclass(frozen=True)
+class NightName:
+    folder: str
+    date: str  # YYYY-MM-DD: the UTC date of (DATE-OBS - 12 h)
+    gain: int | None
+    too: bool
+    binning: str | None
+    test: bool
+
+    @property
+    def day(self) -> date:
+        return date.fromisoformat(self.date)
+
+
+def parse_night(folder: str) -> NightName:
+    """Parse a night folder name: ``2025-01-01_gain2750``, ``..._ToO``, ``..._1x1``, ``..._test``."""
+    name = folder.rstrip("/").rsplit("/", 1)[-1]
+    m = _NIGHT.match(name)
+    if not m:
+        raise BadInputError("not a night folder name (YYYY-MM-DD_gain2750[_ToO][_1x1])", path=folder)
+    try:
+        date.fromisoformat(m.group("date"))
+    except ValueError:
+        raise BadInputError("night folder has an impossible date", path=folder) from None
+    flags = [f for f in m.group("flags").split("_") if f]
+    gain = next((int(f[4:]) for f in flags if f.startswith("gain")), None)
+    binning = next((f for f in flags if re.fullmatch(r"\d+x\d+", f)), None)
+    return NightName(
+        folder=name,
+        date=m.group("date"),
+        gain=gain,
+        too="ToO" in flags,
+        binning=binning,
+        test=any(f.lower() == "test" for f in flags),
+    )
+
+
+def night_date_of(date_obs: datetime) -> str:
+    """The night a frame belongs to: the UTC date of (DATE-OBS - 12 h)."""
+    return (date_obs - timedelta(hours=12)).strftime("%Y-%m-%d")
+
+
+def night_folder(date_obs: datetime, gain: int = 2750, too: bool = False) -> str:
+    return f"{night_date_of(date_obs)}{'_ToO' if too else ''}_gain{gain}"
+
+
+def _exptime_text(exptime: float) -> str:
+    return f"{exptime:g}"
+
+
+def calib_name(unit: str, field: str, date_obs: datetime, filt: str, exptime: float) -> str:
+    """``calib_<unit>_<field>_<YYYYMMDD>_<HHMMSS>_<filter>_<exptime>.fits`` (gppy-gpu)."""
+    return f"calib_{unit}_{field}_{date_obs:%Y%m%d_%H%M%S}_{filt}_{_exptime_text(exptime)}.fits"
+
+
+def processed_dir(field: str, unit: str, filt: str) -> str:
+    return f"processed/{field}/{unit}/{filt}"
+
+
+def master_name(kind: str, unit: str, night_date: str, binning: int, gain: int | None,
+                exptime: float | None = None, filt: str | None = None) -> str:
+    """Master frame key relative to the root, e.g. ``master_frame/7DT01/dark/dark_7DT01_20250101_100s_1x1_gain2750.fits``."""
+    day = night_date.replace("-", "")
+    parts = [kind, unit, day]
+    if kind == "dark":
+        parts.append(f"{_exptime_text(exptime or 0.0)}s")
+    if kind == "flat":
+        parts.append(filt or "nofilter")
+    parts.append(f"{binning}x{binning}")
+    if gain is not None:
+        parts.append(f"gain{gain}")
+    return f"master_frame/{unit}/{kind}/{'_'.join(parts)}.fits"
+
+
+def stack_name(unit: str, field: str, mid: datetime, filt: str, total_exptime: float) -> str:
+    """``calib_<unit>_<field>_<YYYYMMDD>_<HHMMSS>_<filter>_<exptime>com.fits`` (mid-time, total exposure)."""
+    return calib_name(unit, field, mid, filt, total_exptime)[: -len(".fits")] + "com.fits"

@@ -1,0 +1,204 @@
+"""The local runner: a night through every stage of the graph on one machine.
+
+Stages run in the order of ``graph.STAGES``; consecutive stages of the same fan-out form a chain
+that runs per item in one worker (reduce -> astrometry -> photometry for a frame), on a process
+pool, with a progress bar. A chain stops at its first failure; other items go on. The night
+report (``runs/<unit>/<night>/report.json``) lists what was done, skipped and quarantined, with
+reasons, and the time each stage took.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+from . import errors, graph, log
+from .stages.base import Night, utcnow
+
+_log = log.get("runner")
+
+
+def execute(stage_name: str, root: str, unit: str, night: str, item: str | None = None, force: bool = False,
+            **extra) -> dict:
+    """Run one stage invocation and describe the outcome; never raises for a typed error.
+
+    This is what a ``gppy stage`` command and each local worker do, so the two cannot differ.
+    """
+    stage = graph.stage(stage_name)
+    ctx = Night(root=root, unit=unit, night=night, force=force)
+    t0 = time.perf_counter()
+    record = {"stage": stage_name, "item": item, "unit": unit, "night": night, "started": utcnow()}
+    try:
+        result = stage.function()(ctx, item, **extra) if item is not None else stage.function()(ctx, **extra)
+        record.update(status="skipped" if result.get("skipped") else "done", exit_code=errors.OK, result=result)
+    except Exception as exc:  # typed errors become statuses; anything else is a bug, still reported
+        code = errors.exit_code_for(exc)
+        status = "quarantined" if code == errors.BAD_INPUT else "failed"
+        reason = exc.reason if isinstance(exc, errors.GppyError) else f"{type(exc).__name__}: {exc}"
+        record.update(status=status, exit_code=code, error={"kind": getattr(exc, "kind", "bug"), "reason": reason,
+                                                            "file": getattr(exc, "path", None)})
+        level = 30 if status == "quarantined" else 40
+        log.event(_log, f"{stage_name} {status}", level=level, item=item, reason=reason, exit_code=code)
+        if code == errors.BUG:
+            import traceback
+
+            record["error"]["traceback"] = traceback.format_exc()
+    record["seconds"] = round(time.perf_counter() - t0, 3)
+    try:
+        ctx.write_result(stage_name, item, record)
+    except Exception as exc:  # a result that cannot be written must not hide the stage's own outcome
+        log.event(_log, "could not write the stage result", level=40, stage=stage_name, item=item, reason=str(exc))
+    return record
+
+
+def _chain(stage_names: list[str], root: str, unit: str, night: str, item: str, force: bool) -> list[dict]:
+    records = []
+    for name in stage_names:
+        record = execute(name, root, unit, night, item, force)
+        records.append(record)
+        if record["status"] not in ("done", "skipped"):
+            break
+    return records
+
+
+def chains() -> list[tuple[str, list[graph.Stage]]]:
+    """The graph as the runner executes it: (fanout, consecutive stages) after plan, exit handlers last."""
+    out: list[tuple[str, list[graph.Stage]]] = []
+    for s in graph.ordered():
+        if s.name == "plan" or s.exit_handler:
+            continue
+        if out and out[-1][0] == s.fanout and s.fanout != "night":
+            out[-1][1].append(s)
+        else:
+            out.append((s.fanout, [s]))
+    return out
+
+
+def stage_invocations() -> list[dict]:
+    """Every stage the runner invokes, with its fan-out and the command-line arguments it passes
+    (the workflow tests compare this with the Argo templates)."""
+    listed = [graph.stage("plan")] + [s for _, group in chains() for s in group] + \
+        [s for s in graph.STAGES if s.exit_handler]
+    return [{"name": s.name, "fanout": s.fanout, "args": list(s.args)} for s in listed]
+
+
+@dataclass
+class NightReport:
+    unit: str
+    night: str
+    root: str
+    started: str = field(default_factory=utcnow)
+    records: list[dict] = field(default_factory=list)
+    plan_summary: dict = field(default_factory=dict)
+
+    def to_dict(self, plan: dict) -> dict:
+        frames = {f["id"]: {"raw": f["raw"], "output": f["output"], "status": "done"} for f in plan["frames"]}
+        quarantined = [dict(q) for q in plan["quarantine"]]
+        failed = []
+        timing: dict[str, list[float]] = {}
+        for r in self.records:
+            timing.setdefault(r["stage"], []).append(r["seconds"])
+            if r["status"] in ("quarantined", "failed"):
+                entry = {"stage": r["stage"], "item": r["item"], "exit_code": r["exit_code"], **r["error"]}
+                entry.pop("traceback", None)
+                (quarantined if r["status"] == "quarantined" else failed).append(entry)
+                if r["item"] in frames:
+                    frames[r["item"]]["status"] = f"{r['stage']} {r['status']}"
+        done = [f for f in frames.values() if f["status"] == "done"]
+        return {
+            "unit": self.unit, "night": self.night, "root": self.root, "started": self.started, "finished": utcnow(),
+            "frames_in": plan["raw_frames"],
+            "science_frames_planned": len(plan["frames"]),
+            "frames_out": len(done),
+            "calsets": len(plan["calsets"]), "stacks": len(plan["stacks"]),
+            "quarantined": quarantined, "failed": failed, "warnings": plan["warnings"],
+            "frames": frames,
+            "timing": {k: {"count": len(v), "total_s": round(sum(v), 2), "max_s": round(max(v), 2)} for k, v in timing.items()},
+            "records": self.records,
+        }
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, disable=not sys.stderr.isatty() and total == 0)
+    except ImportError:  # tqdm is a dependency; this keeps a broken install usable
+        return None
+
+
+def run_night(root: str, unit: str, night: str | None = None, *, force: bool = False, workers: int | None = None,
+              progress: bool = True) -> dict:
+    """Plan a night and run every stage on it; returns (and writes) the night report."""
+    from . import storage
+    from .stages.plan import latest_night
+
+    log.setup()
+    night = night or latest_night(root, unit)
+    workers = workers or max(1, min(os.cpu_count() or 1, 8))
+    report = NightReport(unit=unit, night=night, root=root)
+    plan_record = execute("plan", root, unit, night, None, force)
+    report.records.append(plan_record)
+    if plan_record["status"] != "done":
+        raise errors.ConfigError(f"planning {unit} {night} failed: {plan_record['error']['reason']}")
+    ctx = Night(root=root, unit=unit, night=night)
+    plan = ctx.plan()
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    try:
+        for fanout, group in chains():
+            names = [s.name for s in group]
+            items = [None] if fanout == "night" else [entry["id"] for entry in plan[graph.PLAN_LISTS[fanout]]]
+            bar = _progress(len(items), "+".join(names)) if progress else None
+            if pool is None or len(items) == 1:
+                for item in items:
+                    report.records += _run_group(names, root, unit, night, item, force)
+                    if bar:
+                        bar.update(1)
+            else:
+                futures = [pool.submit(_run_group, names, root, unit, night, item, force) for item in items]
+                for fut in as_completed(futures):
+                    report.records += fut.result()
+                    if bar:
+                        bar.update(1)
+            if bar:
+                bar.close()
+        for s in graph.STAGES:
+            if s.exit_handler:
+                report.records.append(execute(s.name, root, unit, night, None, force))
+    finally:
+        if pool:
+            pool.shutdown()
+    result = report.to_dict(plan)
+    storage.put_bytes(ctx.url(ctx.run_prefix, "report.json"), json.dumps(result, indent=1, default=str).encode())
+    return result
+
+
+def _run_group(names: list[str], root: str, unit: str, night: str, item: str | None, force: bool) -> list[dict]:
+    log.setup()
+    if item is None:
+        return [execute(n, root, unit, night, None, force) for n in names]
+    return _chain(names, root, unit, night, item, force)
+
+
+def summary_text(report: dict) -> str:
+    """The night summary printed at the end of a run."""
+    lines = [
+        f"night {report['unit']} {report['night']} under {report['root']}",
+        f"  frames in: {report['frames_in']}   science planned: {report['science_frames_planned']}   "
+        f"science out: {report['frames_out']}   calibration sets: {report['calsets']}   stacks: {report['stacks']}",
+        f"  quarantined: {len(report['quarantined'])}   failed: {len(report['failed'])}",
+    ]
+    for q in report["quarantined"]:
+        lines.append(f"    - {q.get('file') or q.get('item')}: {q['reason']} ({q.get('stage')})")
+    for f in report["failed"]:
+        lines.append(f"    ! {f.get('item')}: {f['reason']} ({f.get('stage')}, exit {f.get('exit_code')})")
+    lines.append("  time per stage:")
+    lines.append(f"    {'stage':<14}{'runs':>6}{'total s':>10}{'max s':>9}")
+    for name, t in report["timing"].items():
+        lines.append(f"    {name:<14}{t['count']:>6}{t['total_s']:>10.2f}{t['max_s']:>9.2f}")
+    return "\n".join(lines)

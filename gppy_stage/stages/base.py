@@ -1,0 +1,115 @@
+"""What every stage shares: the night it works on, its plan, and the skip-if-done contract.
+
+A product ``X`` is complete when its sidecar ``X.json`` exists: the sidecar is written after the
+product, so a crash between the two leaves no sidecar and the work is redone. The sidecar records
+the hash of the inputs and settings the product was made from; a stage that finds the same hash
+skips the work (``force`` redoes it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from .. import __version__, storage
+from ..config import settings_hash
+from ..errors import BadInputError, ConfigError
+
+PLAN_SCHEMA = "gppy-stage/plan/1"
+
+
+@dataclass
+class Night:
+    """One unit's night under a storage root: what a stage command is given."""
+
+    root: str
+    unit: str
+    night: str
+    force: bool = False
+    _plan: dict | None = field(default=None, repr=False)
+
+    def url(self, *keys: str) -> str:
+        return storage.join(self.root, *keys)
+
+    @property
+    def raw_prefix(self) -> str:
+        return f"obsdata/{self.unit}/{self.night}"
+
+    @property
+    def run_prefix(self) -> str:
+        return f"runs/{self.unit}/{self.night}"
+
+    def plan(self) -> dict:
+        if self._plan is None:
+            url = self.url(self.run_prefix, "plan.json")
+            if not storage.exists(url):
+                raise ConfigError(f"no plan for {self.unit} {self.night}: run `gppy stage plan` first ({url})")
+            plan = json.loads(storage.get_bytes(url))
+            if plan.get("schema") != PLAN_SCHEMA:
+                raise ConfigError(f"{url} has schema {plan.get('schema')!r}, expected {PLAN_SCHEMA}")
+            self._plan = plan
+        return self._plan
+
+    def item(self, fanout: str, item_id: str) -> dict:
+        from ..graph import PLAN_LISTS
+
+        for entry in self.plan()[PLAN_LISTS[fanout]]:
+            if entry["id"] == item_id:
+                return entry
+        raise BadInputError(f"plan.json of {self.unit} {self.night} lists no {fanout} {item_id!r}")
+
+    def write_result(self, stage: str, item_id: str | None, result: dict) -> str:
+        key = f"{self.run_prefix}/results/{stage}/{item_id or 'night'}.json"
+        storage.put_bytes(self.url(key), json.dumps(result, indent=1, default=str).encode())
+        return key
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def input_hash(stage: str, inputs: list[dict] | list[str], settings: Any) -> str:
+    """The identity of a piece of work: the stage, its inputs (key + size) and its settings."""
+    return settings_hash({"stage": stage, "inputs": inputs, "settings": settings})
+
+
+def sidecar_url(product_url: str) -> str:
+    return product_url + ".json"
+
+
+def read_sidecar(product_url: str) -> dict | None:
+    url = sidecar_url(product_url)
+    if not storage.exists(url):
+        return None
+    try:
+        return json.loads(storage.get_bytes(url))
+    except (ValueError, storage.NotFoundError):
+        return None
+
+
+def is_done(product_url: str, work_hash: str, force: bool = False) -> bool:
+    """True when the product exists and was made from the same inputs and settings."""
+    if force:
+        return False
+    meta = read_sidecar(product_url)
+    return bool(meta) and meta.get("hash") == work_hash and storage.exists(product_url)
+
+
+def write_sidecar(product_url: str, work_hash: str, **meta) -> dict:
+    record = {"hash": work_hash, "pipeline_version": __version__, "made": utcnow(), **meta}
+    storage.put_bytes(sidecar_url(product_url), json.dumps(record, indent=1, default=str).encode())
+    return record
+
+
+class Timer:
+    """Wall time of a named step, for the stage timing table."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.t0, 3)
