@@ -1,0 +1,131 @@
+"""What a person looks at: new | ref | diff cut-outs as PNG, and DS9 region files.
+
+Pure functions returning bytes or text; the caller decides where they go (storage module).
+Matplotlib is used through its object API with the Agg canvas, never pyplot, so nothing
+depends on a display or on global figure state in a batch pod.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
+def _cutout(img, x, y, half):
+    """(2*half+1)^2 cut-out centred on the nearest pixel, NaN outside the image."""
+    ny, nx = img.shape
+    cx, cy = int(round(x)), int(round(y))
+    out = np.full((2 * half + 1, 2 * half + 1), np.nan)
+    y0, y1, x0, x1 = cy - half, cy + half + 1, cx - half, cx + half + 1
+    sy0, sx0 = max(0, -y0), max(0, -x0)
+    ys, xs = slice(max(y0, 0), min(y1, ny)), slice(max(x0, 0), min(x1, nx))
+    block = img[ys, xs]
+    out[sy0:sy0 + block.shape[0], sx0:sx0 + block.shape[1]] = block
+    return out
+
+
+def _zscale(a):
+    from astropy.visualization import ZScaleInterval
+
+    good = a[np.isfinite(a)]
+    if good.size < 4:
+        return 0.0, 1.0
+    lo, hi = ZScaleInterval().get_limits(good)
+    return (lo, hi) if hi > lo else (float(good.min()), float(good.max()) + 1e-9)
+
+
+def stamp_png(new, ref, diff, x: float, y: float, *, half: int = 15, title: str = "", noise=None) -> bytes:
+    """One PNG: new | ref | diff, each zscaled on its own; the diff symmetric about zero.
+
+    With ``noise`` the diff panel shows S/N (diff / noise) in -5..5, which reads the same on
+    every candidate; otherwise the diff is scaled to its own +-max.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = [_cutout(_host(new), x, y, half), _cutout(_host(ref), x, y, half), _cutout(_host(diff), x, y, half)]
+    fig = Figure(figsize=(7.5, 2.8), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    labels = ["new", "ref", "diff"]
+    for k, (ax, p) in enumerate(zip(axes, panels)):
+        if k < 2:
+            lo, hi = _zscale(p)
+            ax.imshow(p, origin="lower", cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        else:
+            if noise is not None:
+                p = p / _cutout(_host(noise), x, y, half)
+                lim, lab = 5.0, "diff / noise"
+            else:
+                lim = float(np.nanmax(np.abs(p))) if np.isfinite(p).any() else 1.0
+                lab = "diff"
+            ax.imshow(p, origin="lower", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+            labels[2] = lab
+        ax.plot([half], [half], marker="+", color="lime", ms=14, mew=1.0)
+        ax.set_title(labels[k], fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def candidate_stamps(new, ref, diff, table, *, half: int = 15, noise=None, max_stamps: int | None = None) -> dict:
+    """{candidate id: PNG bytes}, best score first when the table has one."""
+    rows = table
+    if "score" in table.colnames:
+        rows = table[np.argsort(-np.asarray(table["score"]))]
+    if max_stamps is not None:
+        rows = rows[:max_stamps]
+    out = {}
+    for r in rows:
+        flags = [name for name in ("near_edge", "near_mask", "dipole", "elongated", "bad_fwhm", "negative",
+                                   "ref_star", "moving") if name in r.colnames and bool(r[name])]
+        title = f"#{r['id']}  x={r['x']:.1f} y={r['y']:.1f}"
+        if "mag" in r.colnames and np.isfinite(r["mag"]):
+            title += f"  mag={r['mag']:.2f}"
+        if "snr" in r.colnames:
+            title += f"  S/N={r['snr']:.1f}"
+        if "score" in r.colnames:
+            title += f"  score={r['score']:.2f}"
+        if flags:
+            title += "\n" + " ".join(flags)
+        out[int(r["id"])] = stamp_png(new, ref, diff, float(r["x"]), float(r["y"]), half=half, title=title,
+                                      noise=noise)
+    return out
+
+
+def region_text(table, *, radius_px: float = 6.0, radius_arcsec: float = 3.0, sky: bool | None = None,
+                good_score: float = 0.5) -> str:
+    """DS9 region file: a circle per candidate, green when score >= good_score, red otherwise.
+
+    ``sky`` True writes fk5 circles from ra/dec, False image circles (1-based, as DS9 counts);
+    None picks fk5 when every row has finite ra/dec.
+    """
+    if sky is None:
+        sky = len(table) > 0 and "ra" in table.colnames and bool(np.all(np.isfinite(np.asarray(table["ra"], float))))
+    lines = ["# Region file format: DS9 version 4.1",
+             'global color=green dashlist=8 3 width=1 font="helvetica 10 normal roman" select=1 highlite=1 '
+             'dash=0 fixed=0 edit=1 move=1 delete=1 include=1 source=1',
+             "fk5" if sky else "image"]
+    for r in table:
+        score = float(r["score"]) if "score" in r.colnames else 1.0
+        color = "green" if score >= good_score else "red"
+        label = f"{r['id']}"
+        if "flags" in r.colnames and int(r["flags"]):
+            label += f" f{int(r['flags'])}"
+        if sky:
+            lines.append(f'circle({float(r["ra"]):.7f},{float(r["dec"]):.7f},{radius_arcsec:.2f}") '
+                         f"# color={color} text={{{label}}}")
+        else:
+            lines.append(f"circle({float(r['x']) + 1:.2f},{float(r['y']) + 1:.2f},{radius_px:.2f}) "
+                         f"# color={color} text={{{label}}}")
+    return "\n".join(lines) + "\n"
