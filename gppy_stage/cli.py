@@ -172,11 +172,22 @@ def sim_night(
     n_science: int = typer.Option(3, "--n-science", help="Science frames per filter."),
 ):
     """Simulate a raw 7DT night in the exact TCSpy layout, with truth and a reference catalogue."""
+    from tqdm import tqdm
+
     from .sim import simulate_night
 
-    summary = simulate_night(out, unit=unit, night=night, filters=tuple(f for f in filters.split(",") if f),
-                             size=size, seed=seed, calib=tuple(c for c in calib.split(",") if c),
-                             n_science=n_science)
+    with tqdm(desc="simulating", unit="frame", file=sys.stderr) as bar:
+        def progress(done, total, name):
+            bar.total = total
+            bar.update(done - bar.n)
+
+        try:
+            summary = simulate_night(out, unit=unit, night=night, filters=tuple(f for f in filters.split(",") if f),
+                                     size=size, seed=seed, calib=tuple(c for c in calib.split(",") if c),
+                                     n_science=n_science, progress=progress)
+        except errors.GppyError as exc:
+            _fail(exc)
+    summary.pop("files", None)
     typer.echo(json.dumps(summary, indent=1, default=str))
 
 

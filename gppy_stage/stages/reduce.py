@@ -123,12 +123,14 @@ def reduce_file(url: str, out_url: str, obs: str | None = None, cosmic_rays: boo
         header = normalise(raw.header, url)
         pixels = raw.all()
         index = raw.index
-    if index and len(header) < 20:
-        # A tile-compressed or multi-extension file: the primary header has the observation keys.
+    if index:
+        # A tile-compressed or multi-extension file: the primary header has the observation keys,
+        # the image extension the detector's; the product needs both.
         with storage.local_copy(url) as path:
-            primary = normalise(fits.getheader(path, 0), url)
-        primary.update({k: v for k, v in header.items() if k not in ("XTENSION", "PCOUNT", "GCOUNT", "EXTNAME")})
-        header = primary
+            merged = fits.getheader(path, 0)
+        structural = {"XTENSION", "PCOUNT", "GCOUNT", "EXTNAME", "SIMPLE", "EXTEND", "NAXIS", "COMMENT", "HISTORY", ""}
+        merged.extend([(k, v) for k, v in header.items() if k not in structural], update=True)
+        header = normalise(merged, url)
     if "IMAGETYP" not in header:
         raise BadInputError("header has no IMAGETYP (nor OBSTYPE): cannot tell what kind of frame this is", path=url)
     reg = config.instruments().get((obs or "").upper())

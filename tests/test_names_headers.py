@@ -1,0 +1,119 @@
+"""Names of the 7DT system and header normalisation (real frames of other telescopes included)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+from astropy.io import fits
+
+from gppy_stage import config, names
+from gppy_stage.errors import BadInputError, ConfigError
+from gppy_stage.headers import frame_info, normalise
+
+
+def test_raw_name_with_underscores_in_object():
+    n = names.parse_raw_name("s3://b/obsdata/7DT01/x/7DT01_20250101_210000_NGC_253_A_m400_1x1_0.0s_0001.fits")
+    assert (n.unit, n.object, n.filter, n.exptime, n.seq) == ("7DT01", "NGC_253_A", "m400", 0.0, 1)
+    assert n.datetime == datetime(2025, 1, 1, 21, 0, 0)
+    assert names.parse_raw_name("7DT01_20250101_210000_BIAS_m400_1x1_0.0s_0001.fits").imagetyp == "BIAS"
+
+
+def test_raw_name_round_trip():
+    when = datetime(2025, 1, 2, 5, 7, 4)
+    name = names.raw_name("7DT11", when, "T00223", "m425", 1, 100.0, 1)
+    assert name == "7DT11_20250102_050704_T00223_m425_1x1_100.0s_0001.fits"
+    parsed = names.parse_raw_name(name)
+    assert (parsed.unit, parsed.object, parsed.datetime) == ("7DT11", "T00223", when)
+
+
+@pytest.mark.parametrize("bad", ["notes.txt", "7DT01_2025_x.fits", "7DT01_20250101_210000_m400_1x1.fits"])
+def test_bad_raw_names(bad):
+    with pytest.raises(BadInputError, match="name"):
+        names.parse_raw_name(bad)
+
+
+def test_night_folders():
+    n = names.parse_night("2025-01-01_ToO_gain2750")
+    assert (n.date, n.gain, n.too, n.binning) == ("2025-01-01", 2750, True, None)
+    assert names.parse_night("obsdata/7DT01/2025-01-01_gain2750_1x1/").binning == "1x1"
+    assert names.parse_night("2025-01-01_gain2750_ToO").too
+    assert names.parse_night("2025-01-01_gain2750_test").test
+    with pytest.raises(BadInputError):
+        names.parse_night("2025-13-45_gain2750")
+    # the night is the UTC date of DATE-OBS - 12 h
+    assert names.night_folder(datetime(2025, 1, 2, 5, 0)) == "2025-01-01_gain2750"
+
+
+def test_product_names():
+    when = datetime(2023, 11, 5, 0, 39, 15)
+    assert names.calib_name("7DT01", "UDS", when, "m400", 60.0) == "calib_7DT01_UDS_20231105_003915_m400_60.fits"
+    assert names.stack_name("7DT01", "UDS", when, "m400", 300.0).endswith("_m400_300com.fits")
+    assert names.master_name("flat", "7DT01", "2025-01-01", 1, 2750, filt="m425") == \
+        "master_frame/7DT01/flat/flat_7DT01_20250101_m425_1x1_gain2750.fits"
+
+
+def test_registry_has_every_unit_and_observatory():
+    table = config.instruments()
+    assert all(f"7DT{i:02d}" in table for i in range(1, 21))
+    for obs in ("LOAO", "SOAO", "DOAO", "KCT", "RASA36", "LSGT", "KMTNET_SSO", "30INCH"):
+        assert obs in table
+    u = config.instrument("7dt03")
+    assert (u.gain, u.rdnoise, u.pixscale, u.shape, u.saturation) == (0.78, 3.0, 0.505, (6388, 9576), 65535)
+    assert config.instrument("LOAO").rdnoise == 4.84
+    with pytest.raises(ConfigError, match="instruments.csv"):
+        config.instrument("NOPE")
+
+
+@pytest.mark.parametrize("value,expected", [("Light Frame", "LIGHT"), ("object", "LIGHT"), ("OBJECT", "LIGHT"),
+                                            ("zero", "BIAS"), ("Bias Frame", "BIAS"), ("Dark Frame", "DARK"),
+                                            ("Flat Field", "FLAT"), ("Light", "LIGHT")])
+def test_imagetyp_aliases(value, expected):
+    h = normalise(fits.Header({"IMAGETYP": value}))
+    assert h["IMAGETYP"] == expected
+    if value.lower() != expected.lower():
+        assert h["IMAGEORI"] == value  # nothing the telescope wrote is lost
+
+
+@pytest.mark.parametrize("value,expected", [("sloan_g", "g"), ("U101", "U"), ("m425", "m425"), ("4", "4")])
+def test_filter_aliases(value, expected):
+    assert normalise(fits.Header({"FILTER": value}))["FILTER"] == expected
+
+
+def test_unknown_imagetyp_is_a_clear_error():
+    with pytest.raises(BadInputError, match="unknown IMAGETYP 'arc'"):
+        normalise(fits.Header({"IMAGETYP": "arc"}), "x.fits")
+
+
+def test_header_wins_over_the_name_and_says_so(caplog):
+    from gppy_stage import log
+
+    log.setup()
+    h = fits.Header({"SIMPLE": True, "BITPIX": 16, "NAXIS": 2, "NAXIS1": 10, "NAXIS2": 10, "IMAGETYP": "LIGHT",
+                     "EXPTIME": 60.0, "DATE-OBS": "2025-01-02T05:00:00", "FILTER": "m450", "OBJECT": "T00001",
+                     "TELESCOP": "7DT01"})
+    seen = []
+    import logging
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            seen.append(record.__dict__.get("fields", {}))
+
+    logging.getLogger("gppy.headers").addHandler(grab := Grab())
+    try:
+        info = frame_info(h, "7DT01_20250102_050000_T00001_m425_1x1_100.0s_0001.fits", 0)
+    finally:
+        logging.getLogger("gppy.headers").removeHandler(grab)
+    assert (info.filter, info.exptime) == ("m450", 60.0)
+    assert {f["key"] for f in seen} == {"filter", "exptime"}
+
+
+def test_real_headers_normalise(real_dir):
+    saao = normalise(fits.getheader(real_dir / "saao1m_ste3_raw_object_a8280271.fits"))
+    assert saao["IMAGETYP"] == "LIGHT" and saao["IMAGEORI"] == "object"
+    gmos = normalise(fits.getheader(real_dir / "gemini_gmos_s_cosmic_rays.fits"))
+    assert gmos["IMAGETYP"] == "LIGHT"  # from OBSTYPE
+    nflat = normalise(fits.getheader(real_dir / "not_alfosc_raw_flat_gSDSS.fits.fz", 0))
+    assert nflat["IMAGETYP"] == "FLAT" and nflat["FILTER"] == "g"  # FASU wheel "g'_SDSS 480_145"
+    apogee = normalise(fits.getheader(real_dir / "apogee_alta_light_B_sipwcs.fit"))
+    assert apogee["IMAGETYP"] == "LIGHT" and apogee["FILTER"] == "B"
