@@ -2,8 +2,12 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 SUDO ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the science needs (binaries: source-extractor, scamp, SWarp, missfits, solve-field)
+# Debian packages the science needs (binaries: source-extractor, scamp, SWarp, missfits, solve-field),
+# and what builds the container image in the tests (podman with runc, a base from debootstrap)
 DEBS = source-extractor scamp swarp missfits astrometry.net astrometry-data-tycho2
+# podman needs its recommended packages (slirp4netns, netavark...) for a build with network
+CONTAINER_DEBS = podman buildah runc debootstrap uidmap fuse-overlayfs
+TOOLS = source-extractor scamp SWarp missfits solve-field podman runc debootstrap
 DEMO_ROOT ?= demo-night
 PYTEST_ARGS ?=
 
@@ -13,14 +17,17 @@ help:
 	@echo "make demo   simulate a small 7DT night and run the pipeline on it (./$(DEMO_ROOT))"
 	@echo "make test   install everything needed (Python and Debian packages) and run the tests"
 	@echo "make bench  benchmarks with ratios against named baselines"
+	@echo "make render / check-manifests / images   the cluster side (see docs/deploy.md)"
 
 deps-debian:
 	@missing=""; \
-	for b in source-extractor scamp SWarp missfits solve-field; do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	for b in $(TOOLS); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
 	ls /usr/share/astrometry/index-41*.fits >/dev/null 2>&1 || missing="$$missing tycho2-index"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages (missing:$$missing)"; \
-		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(DEBS) >/dev/null; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(DEBS) >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(CONTAINER_DEBS) >/dev/null; \
 	fi
 
 install: deps-debian
@@ -43,3 +50,6 @@ bench: install
 
 clean:
 	rm -rf $(DEMO_ROOT) .pytest_cache build *.egg-info
+
+# render, check-manifests, images, images-gpu
+include images/Makefile.inc

@@ -127,6 +127,9 @@ def _stage_command(stage: graph.Stage):
         params.append(P("outputs_dir", P.KEYWORD_ONLY, annotation=Optional[str],
                         default=typer.Option(None, "--outputs-dir",
                                              help="Write the fan-out lists (calsets.json, frames.json, stacks.json, night) here, for Argo.")))
+    for flag in stage.extra_args:
+        params.append(P(flag.lstrip("-").replace("-", "_"), P.KEYWORD_ONLY, annotation=Optional[str],
+                        default=typer.Option(None, flag, help=graph.EXTRA_ARGS[flag])))
     params.append(P("force", P.KEYWORD_ONLY, annotation=bool,
                     default=typer.Option(False, "--force", help="Redo the work even if its outputs exist.")))
     command.__signature__ = inspect.Signature(params)

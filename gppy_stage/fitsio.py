@@ -85,7 +85,11 @@ def open_raw(url: str) -> Iterator[RawFrame]:
 
 def hdul_bytes(hdul: fits.HDUList) -> bytes:
     buf = io.BytesIO()
-    hdul.writeto(buf, output_verify="fix")
+    with warnings.catch_warnings():
+        # Long HIERARCH keys (ZP_APER_1...) leave little room for a comment; astropy shortens it,
+        # which loses nothing that matters and would otherwise warn in every stage's log.
+        warnings.filterwarnings("ignore", message="Card is too long, comment will be truncated")
+        hdul.writeto(buf, output_verify="fix")
     return buf.getvalue()
 
 

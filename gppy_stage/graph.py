@@ -22,6 +22,10 @@ FANOUTS = ("night", "calset", "frame", "stack")
 # plan.json key holding the items of each fan-out
 PLAN_LISTS = {"calset": "calsets", "frame": "frames", "stack": "stacks"}
 COMMON_ARGS = ("--root", "--obs", "--night")
+# Options some stages take beyond the common ones (all optional strings), with their help.
+EXTRA_ARGS = {
+    "--status": "The workflow's outcome (Argo passes {{workflow.status}}: Succeeded, Failed, Error).",
+}
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,9 @@ class Stage:
     def __post_init__(self):
         if self.fanout not in FANOUTS:
             raise ValueError(f"stage {self.name}: unknown fanout {self.fanout!r}")
+        unknown = set(self.extra_args) - set(EXTRA_ARGS)
+        if unknown:
+            raise ValueError(f"stage {self.name}: extra arguments {sorted(unknown)} have no entry in EXTRA_ARGS")
 
     @property
     def item_arg(self) -> str | None:
@@ -85,6 +92,70 @@ STAGES: tuple[Stage, ...] = (
         gpu=True,
         cpu="2",
         memory="6Gi",
+    ),
+    Stage(
+        name="astrometry",
+        fanout="frame",
+        needs=("reduce",),
+        entry="gppy_stage.stages.astrometry:run",
+        help="Solve one reduced frame's WCS: SExtractor, SCAMP against the local reference, MissFITS (solve-field as fallback).",
+        cpu="1",
+        memory="4Gi",
+    ),
+    Stage(
+        name="photometry",
+        fanout="frame",
+        needs=("astrometry",),
+        entry="gppy_stage.stages.photometry:run",
+        help="Measure one solved frame with SExtractor and calibrate its zero points against Gaia XP synthetic photometry.",
+        cpu="1",
+        memory="4Gi",
+    ),
+    Stage(
+        name="stack",
+        fanout="stack",
+        needs=("photometry",),
+        entry="gppy_stage.stages.stack:run",
+        help="SWarp one stack group's frames onto a common grid and zero point, then measure the stack.",
+        cpu="2",
+        memory="8Gi",
+    ),
+    Stage(
+        name="subtract",
+        fanout="stack",
+        needs=("stack",),
+        entry="gppy_stage.stages.subtract:run",
+        help="Resample the reference frame onto the stack and subtract it (native engine, or HOTPANTS).",
+        gpu=True,
+        cpu="2",
+        memory="12Gi",
+    ),
+    Stage(
+        name="detect",
+        fanout="stack",
+        needs=("subtract",),
+        entry="gppy_stage.stages.detect:run",
+        help="Find, flag and score transient candidates on the difference image; write regions and stamps.",
+        cpu="2",
+        memory="8Gi",
+    ),
+    Stage(
+        name="curate",
+        fanout="night",
+        needs=("detect",),
+        entry="gppy_stage.stages.curate:run",
+        help="Collect the night's products, write header snapshots and the night report (JSON and Markdown).",
+        memory="1Gi",
+    ),
+    Stage(
+        name="notify",
+        fanout="night",
+        needs=(),
+        entry="gppy_stage.stages.notify:run",
+        help="Post the night's outcome to Slack (the workflow's exit handler: it runs on failure too).",
+        memory="512Mi",
+        exit_handler=True,
+        extra_args=("--status",),
     ),
 )
 

@@ -145,6 +145,7 @@ def run_night(root: str, unit: str, night: str | None = None, *, force: bool = F
     plan_record = execute("plan", root, unit, night, None, force)
     report.records.append(plan_record)
     if plan_record["status"] != "done":
+        _exit_handlers(report, root, unit, night, force, "Failed")
         raise errors.ConfigError(f"planning {unit} {night} failed: {plan_record['error']['reason']}")
     ctx = Night(root=root, unit=unit, night=night)
     plan = ctx.plan()
@@ -167,15 +168,27 @@ def run_night(root: str, unit: str, night: str | None = None, *, force: bool = F
                         bar.update(1)
             if bar:
                 bar.close()
-        for s in graph.STAGES:
-            if s.exit_handler:
-                report.records.append(execute(s.name, root, unit, night, None, force))
+        failed = any(r["status"] == "failed" for r in report.records)
+        _exit_handlers(report, root, unit, night, force, "Failed" if failed else "Succeeded")
     finally:
         if pool:
             pool.shutdown()
     result = report.to_dict(plan)
+    curated = ctx.url(ctx.run_prefix, "night_report.json")
+    if storage.exists(curated):  # the curate stage's report: candidates, depth, the Markdown report
+        night_report = json.loads(storage.get_bytes(curated))
+        result["candidates"] = night_report.get("candidates", [])
+        result["report_md"] = ctx.url(ctx.run_prefix, "report.md")
     storage.put_bytes(ctx.url(ctx.run_prefix, "report.json"), json.dumps(result, indent=1, default=str).encode())
     return result
+
+
+def _exit_handlers(report: NightReport, root: str, unit: str, night: str, force: bool, status: str) -> None:
+    """Stages that run however the night went (notify), as Argo's onExit does."""
+    for s in graph.STAGES:
+        if s.exit_handler:
+            extra = {"status": status} if "--status" in s.extra_args else {}
+            report.records.append(execute(s.name, root, unit, night, None, force, **extra))
 
 
 def _run_group(names: list[str], root: str, unit: str, night: str, item: str | None, force: bool) -> list[dict]:
@@ -197,8 +210,21 @@ def summary_text(report: dict) -> str:
         lines.append(f"    - {q.get('file') or q.get('item')}: {q['reason']} ({q.get('stage')})")
     for f in report["failed"]:
         lines.append(f"    ! {f.get('item')}: {f['reason']} ({f.get('stage')}, exit {f.get('exit_code')})")
+    if "candidates" in report:
+        lines.append(f"  transient candidates that pass: {len(report['candidates'])}")
+        if report["candidates"]:
+            lines.append(f"    {'stack':<24}{'id':>4}{'RA':>12}{'Dec':>12}{'mag':>8}{'err':>7}{'S/N':>7}{'score':>7}  stamp")
+        for c in report["candidates"]:
+            lines.append(f"    {c['stack']:<24}{c['id']:>4}{c['ra']:>12.6f}{c['dec']:>12.6f}{_num(c['mag'], 8, 2)}"
+                         f"{_num(c['magerr'], 7, 3)}{_num(c['snr'], 7, 1)}{_num(c['score'], 7, 2)}  "
+                         f"{c.get('stamp', '-')}")
+        lines.append(f"  night report: {report['report_md']}")
     lines.append("  time per stage:")
     lines.append(f"    {'stage':<14}{'runs':>6}{'total s':>10}{'max s':>9}")
     for name, t in report["timing"].items():
         lines.append(f"    {name:<14}{t['count']:>6}{t['total_s']:>10.2f}{t['max_s']:>9.2f}")
     return "\n".join(lines)
+
+
+def _num(value, width: int, digits: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"

@@ -1,0 +1,240 @@
+"""The night report: what a night made, how good it is and what went wrong, as JSON and Markdown.
+
+``collect(root, unit, night)`` reads the plan, every stage's result record
+(``runs/<unit>/<night>/results/<stage>/<item>.json``, written by each stage invocation locally and
+on Argo) and the headers of the products; ``build(...)`` turns them into the report dict (pure);
+``markdown(report)`` renders it. The curate stage writes both under ``runs/<unit>/<night>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from astropy.io import fits
+
+from . import __version__, storage
+
+BLOCK = 2880
+REPORT_JSON = "night_report.json"
+REPORT_MD = "report.md"
+ZP_KEYS = ("ZP_APER_1", "ZP_AUTO", "ZP_APER", "ZP")  # 7DT reads the seeing-scaled aperture first
+
+
+def read_header(url: str) -> fits.Header | None:
+    """The primary header of a FITS object, read block by block (not the whole 245 MB frame)."""
+    nbytes = BLOCK * 8
+    end = b"END" + b" " * 77
+    while True:
+        try:
+            blob = storage.get_head(url, nbytes)
+        except storage.NotFoundError:
+            return None
+        for i in range(0, len(blob) - 79, 80):
+            if blob[i:i + 80] == end:
+                return fits.Header.fromstring(blob[: i + 80].decode("ascii", "replace"))
+        if len(blob) < nbytes or nbytes > BLOCK * 256:
+            return None
+        nbytes *= 4
+
+
+def _num(value, nd: int = 4):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return round(v, nd) if math.isfinite(v) else None
+
+
+def quality(header: fits.Header | None) -> dict:
+    """Zero point, its error, 5-sigma depth and seeing from a product header (None where absent).
+
+    The photometry stage writes ``ZP_<AP>``, ``EZP_<AP>``, ``UL5_<AP>`` and ``SEEING``; the first
+    aperture of ``ZP_KEYS`` found is the one reported.
+    """
+    out = {"zp": None, "ezp": None, "depth": None, "seeing": None, "aperture": None}
+    if header is None:
+        return out
+    for key in ZP_KEYS:
+        if _num(header.get(key)) is not None:
+            ap = key[3:] if key.startswith("ZP_") else ""
+            out |= {"zp": _num(header[key]), "aperture": ap or None,
+                    "ezp": _num(header.get(f"EZP_{ap}" if ap else "EZP")),
+                    "depth": _num(header.get(f"UL5_{ap}" if ap else "UL5"), 3)}
+            break
+    if out["depth"] is None:
+        depths = [_num(v, 3) for k, v in header.items() if k.startswith("UL5_")]
+        depths = [d for d in depths if d is not None]
+        out["depth"] = max(depths) if depths else None
+    out["seeing"] = _num(header.get("SEEING") or header.get("SEEINGIN") or header.get("FWHM_AS"), 3)
+    return out
+
+
+def collect(root: str, unit: str, night: str) -> dict:
+    """Everything the report needs, read from storage: plan, result records, product headers."""
+    run_prefix = f"runs/{unit}/{night}"
+    plan = json.loads(storage.get_bytes(storage.join(root, run_prefix, "plan.json")))
+    records: dict[str, dict[str, dict]] = {}
+    for obj in storage.list_objects(storage.join(root, run_prefix, "results")):
+        parts = obj.key.split("/")
+        if len(parts) != 2 or not parts[1].endswith(".json"):
+            continue
+        try:
+            records.setdefault(parts[0], {})[parts[1][:-5]] = json.loads(storage.get_bytes(obj.url))
+        except ValueError:
+            continue
+    headers = {}
+    for f in plan["frames"]:
+        headers[f["output"]] = read_header(storage.join(root, f["output"]))
+    for s in plan["stacks"]:
+        headers[s["output"]] = read_header(storage.join(root, s["output"]))
+    return {"plan": plan, "records": records, "headers": headers, "root": root}
+
+
+def _failure(record: dict) -> dict:
+    err = record.get("error") or {}
+    return {"stage": record.get("stage"), "item": record.get("item"), "status": record.get("status"),
+            "kind": err.get("kind"), "exit_code": record.get("exit_code"), "reason": err.get("reason"),
+            "file": err.get("file")}
+
+
+def build(data: dict, *, top_candidates: int = 10, products: list[str] | None = None) -> dict:
+    """The report dict from ``collect``'s data (pure)."""
+    plan, records, headers = data["plan"], data["records"], data["headers"]
+    failures = [dict(q, status="quarantined") for q in plan.get("quarantine", [])]
+    for stage, items in sorted(records.items()):
+        for item, rec in sorted(items.items()):
+            if rec.get("status") in ("quarantined", "failed"):
+                failures.append(_failure(rec))
+    frames = []
+    for f in plan["frames"]:
+        status, reason = "done", None
+        for stage in ("reduce", "astrometry", "photometry"):
+            rec = records.get(stage, {}).get(f["id"])
+            if rec and rec.get("status") in ("quarantined", "failed"):
+                status, reason = f"{stage} {rec['status']}", (rec.get("error") or {}).get("reason")
+                break
+        if status == "done" and headers.get(f["output"]) is None:
+            status = "not made"
+        frames.append({"id": f["id"], "filter": f["filter"], "object": f.get("object"), "exptime": f["exptime"],
+                       "date_obs": f["date_obs"], "output": f["output"], "status": status, "reason": reason,
+                       **quality(headers.get(f["output"]))})
+    stacks, candidates, flagged = [], [], []
+    for s in plan["stacks"]:
+        st_rec = records.get("stack", {}).get(s["id"], {})
+        sub = (records.get("subtract", {}).get(s["id"]) or {})
+        det = (records.get("detect", {}).get(s["id"]) or {})
+        res = st_rec.get("result") or {}
+        h = headers.get(s["output"])
+        entry = {"id": s["id"], "field": s["field"], "filter": s["filter"], "output": s["output"],
+                 "status": st_rec.get("status") or ("done" if h is not None else "not run"),
+                 "reason": (st_rec.get("error") or {}).get("reason"),
+                 "frames_planned": len(s["frames"]), "ncombine": int(h["NCOMBINE"]) if h is not None and "NCOMBINE" in h else 0,
+                 "left_out": res.get("left_out", []), "exptime": _num(h.get("EXPTIME"), 1) if h is not None else None,
+                 "zp_common": _num(h.get("ZPCOMMON")) if h is not None else None, **quality(h)}
+        sub_res = sub.get("result") or {}
+        det_res = det.get("result") or {}
+        entry["subtract"] = {"status": sub_res.get("status") or sub.get("status", "not run"),
+                             "reason": sub_res.get("reason") or (sub.get("error") or {}).get("reason"),
+                             "reference": sub_res.get("reference"), "engine": sub_res.get("engine"),
+                             "flux_scale": sub_res.get("flux_scale")}
+        entry["detect"] = {"status": det_res.get("status") or det.get("status", "not run"),
+                           "n_candidates": det_res.get("n_candidates"), "n_pass": det_res.get("n_pass"),
+                           "candidates": det_res.get("output")}
+        if entry["subtract"]["status"] == "no reference":
+            flagged.append({"stack": s["id"], "flag": "no_reference", "reason": entry["subtract"]["reason"]})
+        for c in det_res.get("top", []):
+            candidates.append({"stack": s["id"], "filter": s["filter"], **c})
+        stacks.append(entry)
+    candidates.sort(key=lambda c: -(c.get("score") or 0))
+    done = [f for f in frames if f["status"] == "done"]
+    depths = [f["depth"] for f in done if f["depth"] is not None]
+    seeing = [f["seeing"] for f in done if f["seeing"] is not None]
+    timing: dict[str, dict] = {}
+    for stage, items in records.items():
+        secs = [r.get("seconds", 0.0) or 0.0 for r in items.values()]
+        timing[stage] = {"count": len(secs), "total_s": round(sum(secs), 2), "max_s": round(max(secs), 2) if secs else 0}
+    return {
+        "schema": "gppy-stage/night-report/1", "unit": plan["unit"], "night": plan["night"], "root": data["root"],
+        "pipeline_version": __version__,
+        "counts": {"raw_frames": plan.get("raw_frames"), "science_planned": len(plan["frames"]),
+                   "science_done": len(done), "stacks_planned": len(plan["stacks"]),
+                   "stacks_done": sum(1 for s in stacks if s["status"] in ("done", "skipped")),
+                   "failures": len(failures), "flagged": len(flagged),
+                   "candidates": sum((s["detect"]["n_candidates"] or 0) for s in stacks),
+                   "candidates_pass": sum((s["detect"]["n_pass"] or 0) for s in stacks)},
+        "depth": {"frame_median": _median(depths), "stack_best": max((s["depth"] for s in stacks if s["depth"]), default=None)},
+        "seeing_median": _median(seeing),
+        "frames": frames, "stacks": stacks, "failures": failures, "flagged": flagged,
+        "candidates": candidates[:top_candidates], "warnings": plan.get("warnings", []),
+        "timing": timing, "products": products or [],
+    }
+
+
+def _median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    n = len(v)
+    return round(v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2]), 3)
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def markdown(report: dict) -> str:
+    """The report as Markdown (``report.md``)."""
+    c = report["counts"]
+    lines = [f"# Night report: {report['unit']} {report['night']}", "",
+             f"Pipeline {report['pipeline_version']}, storage `{report['root']}`.", "",
+             "## Summary", "",
+             f"- science frames: {c['science_done']} of {c['science_planned']} done ({c['raw_frames']} raw files)",
+             f"- stacks: {c['stacks_done']} of {c['stacks_planned']} made",
+             f"- candidates: {c['candidates_pass']} passing of {c['candidates']} detected",
+             f"- failures: {c['failures']}, flagged: {c['flagged']}",
+             f"- median seeing: {_fmt(report['seeing_median'], 2)}\", median frame depth (5 sigma): "
+             f"{_fmt(report['depth']['frame_median'], 2)}, best stack depth: {_fmt(report['depth']['stack_best'], 2)}", ""]
+    lines += ["## Frames", "", "| frame | filter | status | ZP | depth | seeing |", "|---|---|---|---|---|---|"]
+    for f in report["frames"]:
+        status = f["status"] + (f": {f['reason']}" if f.get("reason") else "")
+        lines.append(f"| {f['id']} | {f['filter']} | {status} | {_fmt(f['zp'])} | {_fmt(f['depth'], 2)} | {_fmt(f['seeing'], 2)} |")
+    lines += ["", "## Stacks", "", "| stack | frames | status | ZP | depth | seeing | subtraction | candidates |",
+              "|---|---|---|---|---|---|---|---|"]
+    for s in report["stacks"]:
+        status = s["status"] + (f": {s['reason']}" if s.get("reason") else "")
+        sub = s["subtract"]["status"] + (f" ({s['subtract']['reference'].rsplit('/', 1)[-1]})"
+                                         if s["subtract"].get("reference") else "")
+        cand = "-" if s["detect"]["n_candidates"] is None else f"{s['detect']['n_pass']} / {s['detect']['n_candidates']}"
+        lines.append(f"| {s['id']} | {s['ncombine']}/{s['frames_planned']} | {status} | {_fmt(s['zp'])} | "
+                     f"{_fmt(s['depth'], 2)} | {_fmt(s['seeing'], 2)} | {sub} | {cand} |")
+        for note in s["left_out"]:
+            lines.append(f"|  left out: {note['frame']} | | {note['reason']} | | | | | |")
+    lines += ["", "## Candidates (passing, best first)", ""]
+    if report["candidates"]:
+        lines += ["| stack | id | RA | Dec | mag | S/N | score |", "|---|---|---|---|---|---|---|"]
+        for cand in report["candidates"]:
+            lines.append(f"| {cand['stack']} | {cand['id']} | {_fmt(cand['ra'], 6)} | {_fmt(cand['dec'], 6)} | "
+                         f"{_fmt(cand['mag'], 2)} | {_fmt(cand['snr'], 1)} | {_fmt(cand['score'], 2)} |")
+    else:
+        lines.append("none")
+    lines += ["", "## Failures and flags", ""]
+    if not report["failures"] and not report["flagged"]:
+        lines.append("none")
+    for f in report["failures"]:
+        lines.append(f"- **{f.get('status')}** {f.get('stage')} {f.get('item') or f.get('file') or ''}: {f.get('reason')}"
+                     + (f" (exit {f['exit_code']})" if f.get("exit_code") is not None else ""))
+    for f in report["flagged"]:
+        lines.append(f"- **flagged** {f['stack']}: {f['flag']} ({f['reason']})")
+    for w in report["warnings"]:
+        lines.append(f"- warning: {w}")
+    if report["timing"]:
+        lines += ["", "## Time per stage", "", "| stage | runs | total s | max s |", "|---|---|---|---|"]
+        for name, t in sorted(report["timing"].items()):
+            lines.append(f"| {name} | {t['count']} | {t['total_s']:.2f} | {t['max_s']:.2f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,100 @@
+"""The astrometry stage: one reduced frame -> the same ``calib_*.fits`` with a WCS in its header.
+
+Design choice: the calib frame is updated in place (a new file is written whole, then replaces
+the old one through storage's atomic put); the MASK and VARIANCE extensions are kept. The sidecar
+``calib_*.fits.astrometry.json`` records the hash of (reduced frame, reference, settings), so a
+re-run skips the work; the reduce stage's own sidecar stays untouched.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from astropy.io import fits
+
+from .. import __version__, config, log, storage
+from ..errors import BadInputError
+from ..fitsio import put_hdul, read_hdul
+from ..science import astrometry as astro
+from ..science import refcat as refcat_mod
+from ..tools import astromatic
+from .base import Night, Timer, input_hash, utcnow
+
+_log = log.get("astrometry")
+
+SETTINGS = {"position_maxerr_arcmin": 5.0, "max_offset_arcsec": 1.0, "min_match": 6, "cpulimit": 30.0,
+            "version": 1}
+
+
+def refcat_key(obj: str) -> str:
+    return f"ref_cat/{refcat_mod.refcat_name(obj)}"
+
+
+def reference_bytes(ctx: Night, obj: str) -> bytes | None:
+    """The field's reference catalogue as stored, or None when storage has none."""
+    url = ctx.url(refcat_key(obj))
+    return storage.get_bytes(url) if storage.exists(url) else None
+
+
+def load_reference(raw: bytes | None, obj: str, when):
+    """The reference in the one shape of refcat, at the observation epoch (None stays None)."""
+    if raw is None:
+        return None
+    ref = refcat_mod.read_refcat(raw, name=refcat_mod.refcat_name(obj))
+    return refcat_mod.at_epoch(ref, when) if when is not None else ref
+
+
+def _marker_url(output_url: str) -> str:
+    return output_url + ".astrometry.json"
+
+
+def run(ctx: Night, frame: str) -> dict:
+    entry = ctx.item("frame", frame)
+    reg = config.instrument(ctx.unit)
+    output_url = ctx.url(entry["output"])
+    if not storage.exists(output_url):
+        raise BadInputError("reduced frame not found: run the reduce stage first", path=output_url)
+    ref_raw = reference_bytes(ctx, entry["object"])
+    ref_id = config.settings_hash(ref_raw.decode(errors="replace")) if ref_raw is not None else "none"
+    timer = Timer()
+    with read_hdul(output_url) as hdul:
+        hdul.verify("silentfix")
+        header = hdul[0].header.copy()
+        red_hash = header.get("GPHASH", "")
+        work = input_hash("astrometry", [entry["output"], red_hash, refcat_key(entry["object"]), ref_id],
+                          {**SETTINGS, "sex": astromatic.provenance("source-extractor", "sextractor/default.sex"),
+                           "scamp": astromatic.provenance("scamp", "scamp.conf")})
+        marker = _marker_url(output_url)
+        if not ctx.force and storage.exists(marker):
+            meta = json.loads(storage.get_bytes(marker))
+            if meta.get("hash") == work and header.get("ASTROMTD"):
+                log.event(_log, "already solved from the same inputs and settings", frame=frame)
+                return {"frame": frame, "skipped": True, **meta.get("result", {})}
+        data = np.asarray(hdul[0].data, dtype=np.float32)
+        mask = np.asarray(hdul["MASK"].data) if "MASK" in hdul else None
+        variance = np.asarray(hdul["VARIANCE"].data, dtype=np.float32) if "VARIANCE" in hdul else None
+        extensions = [h.copy() for h in hdul[1:]]
+    when = astro.observation_time(header)
+    reference = load_reference(ref_raw, entry["object"], when)
+    solution = astro.solve(
+        data, header, reference, pixscale=reg.pixscale, gain=float(header.get("EGAIN", reg.gain)),
+        saturation=float(header.get("SATURATE", reg.saturation)), mask=mask, variance=variance,
+        band=entry.get("filter"), position_maxerr_arcmin=SETTINGS["position_maxerr_arcmin"],
+        max_offset_arcsec=SETTINGS["max_offset_arcsec"], min_match=SETTINGS["min_match"],
+        cpulimit=SETTINGS["cpulimit"],
+    )
+    new_header = astro.apply_solution(header, solution)
+    new_header["ASTRHASH"] = (work, "hash of astrometry inputs and settings")
+    new_header["PIPEVER"] = (__version__, "gppy-stage version")
+    if reference is not None:
+        new_header["ASTREF"] = (refcat_mod.refcat_name(entry["object"]), "astrometric reference")
+    put_hdul(output_url, fits.HDUList([fits.PrimaryHDU(data, new_header), *extensions]))
+    result = {"frame": frame, "output": entry["output"], "method": solution.method, "nmatch": solution.nmatch,
+              "rms_arcsec": [round(solution.rms1_arcsec, 4), round(solution.rms2_arcsec, 4)],
+              "median_offset_arcsec": round(solution.median_offset_arcsec, 4), "notes": solution.notes,
+              "seconds": timer.seconds}
+    storage.put_bytes(_marker_url(output_url), json.dumps({"hash": work, "made": utcnow(), "result": result},
+                                                           default=str).encode())
+    log.event(_log, "solved", **{k: v for k, v in result.items() if k != "notes"})
+    return result

@@ -1,0 +1,68 @@
+"""The curate stage (per night): the product manifest, header snapshots and the night report.
+
+Products already sit in the processed layout (``processed/<field>/<unit>/<filter>/``: calib
+frames, ``phot/*.phot.cat``, ``*com.fits`` and its weight, difference products, candidates and
+stamps); curate lists what this night made there (``runs/<unit>/<night>/products.json``), writes a
+text dump of each FITS product's primary header beside it (``<name>.header.txt``: readable
+without a FITS reader, and diffable between runs) and the night report as JSON
+(``night_report.json``) and Markdown (``report.md``).
+"""
+
+from __future__ import annotations
+
+import json
+
+from .. import log, report, storage
+from .base import Night, Timer, utcnow
+from .stack import settings, stem
+
+_log = log.get("curate")
+
+
+def night_products(ctx: Night) -> list[str]:
+    """Keys of what this night's plan made under processed/, found in storage."""
+    plan = ctx.plan()
+    wanted_stems = {stem(f["output"]) for f in plan["frames"]} | {stem(s["output"]) for s in plan["stacks"]}
+    folders = sorted({f["output"].rsplit("/", 1)[0] for f in plan["frames"]} |
+                     {s["output"].rsplit("/", 1)[0] for s in plan["stacks"]})
+    keys = []
+    for folder in folders:
+        for obj in storage.list_objects(ctx.url(folder)):
+            key = f"{folder}/{obj.key}"
+            # catalogues live in phot/ under the frame's name; everything else extends a stem
+            as_if_beside = f"{folder}/{obj.key[len('phot/'):]}" if obj.key.startswith("phot/") else key
+            owned = any(as_if_beside.startswith(s + ".") or as_if_beside.startswith(s + "/") for s in wanted_stems)
+            if owned and not key.endswith((".json", ".header.txt")):
+                keys.append(key)
+    return sorted(set(keys))
+
+
+def header_snapshot(url: str) -> str | None:
+    h = report.read_header(url)
+    return None if h is None else h.tostring(sep="\n", endcard=False, padding=False).rstrip() + "\n"
+
+
+def run(ctx: Night) -> dict:
+    timer = Timer()
+    cfg = settings("curate")
+    products = night_products(ctx)
+    snapshots = 0
+    if cfg.get("header_snapshots", True):
+        for key in products:
+            if key.endswith(".fits"):
+                text = header_snapshot(ctx.url(key))
+                if text is not None:
+                    storage.put_bytes(ctx.url(key[: -len(".fits")] + ".header.txt"), text.encode())
+                    snapshots += 1
+    manifest = {"unit": ctx.unit, "night": ctx.night, "made": utcnow(), "products": products}
+    storage.put_bytes(ctx.url(ctx.run_prefix, "products.json"), json.dumps(manifest, indent=1).encode())
+    rep = report.build(report.collect(ctx.root, ctx.unit, ctx.night), top_candidates=int(cfg.get("top_candidates", 10)),
+                       products=products)
+    rep["made"] = utcnow()
+    storage.put_bytes(ctx.url(ctx.run_prefix, report.REPORT_JSON), json.dumps(rep, indent=1, default=str).encode())
+    storage.put_bytes(ctx.url(ctx.run_prefix, report.REPORT_MD), report.markdown(rep).encode())
+    log.event(_log, "curated", products=len(products), snapshots=snapshots, failures=rep["counts"]["failures"],
+              seconds=timer.seconds)
+    return {"products": len(products), "header_snapshots": snapshots,
+            "report": f"{ctx.run_prefix}/{report.REPORT_JSON}", "report_md": f"{ctx.run_prefix}/{report.REPORT_MD}",
+            "counts": rep["counts"], "seconds": timer.seconds}

@@ -1,0 +1,231 @@
+"""The stack stage: one stack group's calib frames -> ``*com.fits`` (SWarp), then its photometry.
+
+Each usable frame (a calib frame with a celestial WCS and a zero point) is given to SWarp with
+weight 1/VARIANCE (0 where MASK != 0) and ``FLXSCALE`` putting it on the common zero point; the
+inverse-variance mean is written at the plan's ``output`` with the extensions of a calib frame
+(MASK: bit 2 where no frame contributed; VARIANCE = 1/weight) plus ``*com.weight.fits`` (SWarp's
+weight map), then the photometry stage's function measures it (``*com.phot.cat``, ZP keys).
+
+Frames that failed an earlier stage, have no WCS (astrometry failed) or no zero point are left
+out, each with its reason (header ``LEFTOUnn``, the result's ``left_out``). A group with no
+usable frame raises BadInputError: the runner flags the stack and the night goes on.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import yaml
+from astropy.io import fits
+
+from .. import __version__, config, log, storage
+from ..errors import BadInputError, ConfigError
+from ..fitsio import put_hdul, read_hdul
+from ..science import stack as sk
+from ..tools import swarp as sw
+from .base import Night, Timer, input_hash, is_done, write_sidecar
+
+_log = log.get("stack")
+
+# Stages whose failure on a frame keeps it out of the stack (their result names the reason)
+FRAME_STAGES = ("reduce", "astrometry", "photometry")
+# keys carried from the first frame to the stack (the rest is per-exposure or SWarp's)
+CARRY_KEYS = ("OBJECT", "FILTER", "IMAGETYP", "TELESCOP", "INSTRUME", "GAIN", "XBINNING", "YBINNING", "XPIXSZ",
+              "YPIXSZ", "FOCALLEN", "OBSERVAT", "SITELAT", "SITELONG", "SITEELEV", "OBJCTRA", "OBJCTDEC", "RA", "DEC",
+              "RDNOISE", "REFCAT")
+
+
+@functools.lru_cache(maxsize=None)
+def _all_settings(folder: str) -> dict:
+    path = Path(folder) / "subtract.yaml"
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read: {exc}", path=str(path)) from exc
+
+
+def settings(section: str) -> dict:
+    """One section of ``config/subtract.yaml`` (stack, reference, subtract, detect, curate, notify)."""
+    data = _all_settings(str(config.config_dir()))
+    if section not in data:
+        raise ConfigError(f"subtract.yaml has no section {section!r}")
+    return data[section]
+
+
+def stem(key: str) -> str:
+    """``.../calib_..._300com.fits`` -> ``.../calib_..._300com`` (products of a stack share it)."""
+    return key[: -len(".fits")] if key.endswith(".fits") else key
+
+
+def weight_key(stack_key: str) -> str:
+    return stem(stack_key) + ".weight.fits"
+
+
+def has_celestial_wcs(header: fits.Header) -> bool:
+    c1, c2 = str(header.get("CTYPE1", "")), str(header.get("CTYPE2", ""))
+    return c1.startswith("RA--") and c2.startswith("DEC-") and "CRVAL1" in header and "CRVAL2" in header
+
+
+def zero_point(header: fits.Header, keys) -> tuple[float | None, str | None]:
+    for key in keys:
+        value = header.get(key)
+        try:
+            if value is not None and math.isfinite(float(value)):
+                return float(value), key
+        except (TypeError, ValueError):
+            continue
+    return None, None
+
+
+def frame_failure(ctx: Night, frame_id: str) -> str | None:
+    """Why an earlier stage gave up on this frame, from its result record (None: it did not)."""
+    for name in FRAME_STAGES:
+        url = ctx.url(ctx.run_prefix, "results", name, f"{frame_id}.json")
+        if not storage.exists(url):
+            continue
+        try:
+            record = json.loads(storage.get_bytes(url))
+        except ValueError:
+            continue
+        if record.get("status") in ("quarantined", "failed"):
+            return f"{name} {record['status']}: {record.get('error', {}).get('reason', 'no reason given')}"
+    return None
+
+
+def load_frame(ctx: Night, frame: dict, cfg: dict) -> tuple[sw.SwarpInput, sk.FrameForStack, dict] | str:
+    """A calib frame ready for SWarp (weights, no scale yet), or the reason it cannot be stacked."""
+    failed = frame_failure(ctx, frame["id"])
+    if failed:
+        return failed
+    url = ctx.url(frame["output"])
+    if not storage.exists(url):
+        return "no calib frame (not reduced)"
+    with read_hdul(url) as hdul:
+        header = hdul[0].header.copy()
+        data = np.asarray(hdul[0].data, np.float32)
+        names = [h.name for h in hdul]
+        mask = np.asarray(hdul["MASK"].data) if "MASK" in names else None
+        variance = np.asarray(hdul["VARIANCE"].data, np.float32) if "VARIANCE" in names else None
+    if not has_celestial_wcs(header):
+        return "no WCS (astrometry failed or not run)"
+    zp, zp_key = zero_point(header, cfg["zp_keys"])
+    if zp is None:
+        return f"no zero point (none of {', '.join(cfg['zp_keys'])} in the header)"
+    if variance is None:
+        return "no VARIANCE extension"
+    weight = sk.weight_map(variance, mask)
+    good = weight > 0
+    if good.sum() < 0.5 * weight.size:
+        return f"only {100 * good.mean():.0f}% of the pixels are usable"
+    sub = (slice(None, None, 4), slice(None, None, 4))  # medians of a 1/16 sample: plenty, and fast
+    sky = float(np.median(data[sub][good[sub]]))
+    med_var = float(np.median(variance[sub][good[sub]]))
+    date_obs = datetime.fromisoformat(str(header["DATE-OBS"]))
+    seeing = header.get("SEEING")
+    info = sk.FrameForStack(
+        id=frame["id"], name=storage.basename(frame["output"]), zp=zp, exptime=float(header["EXPTIME"]),
+        date_obs=date_obs, gain=float(header.get("EGAIN", 1.0)), saturation=float(header.get("SATURATE", 65535.0)),
+        sky=sky, median_variance=med_var, seeing=float(seeing) if seeing else None)
+    return sw.SwarpInput(data=data, header=header, weight=weight), info, {"zp_key": zp_key}
+
+
+def scaled_input(item: sw.SwarpInput, info: sk.FrameForStack, common_zp: float) -> sw.SwarpInput:
+    h = sw.clean_header(item.header)
+    h["FLXSCALE"] = sk.flux_scale(info.zp, common_zp)
+    h["EGAIN"] = info.gain
+    h["SATURATE"] = info.saturation
+    return sw.SwarpInput(data=item.data, header=h, weight=item.weight)
+
+
+def _identity(header: fits.Header, key: str) -> dict:
+    """What makes a frame's contribution: its key, its data hash and its solution and zero point."""
+    return {"key": key, "made": header.get("GPHASH"), "zp": [header.get(k) for k in ("ZP_AUTO", "ZP_APER_1", "ZP")],
+            "wcs": [header.get(k) for k in ("CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2", "CD1_1", "CD1_2", "CD2_1", "CD2_2")]}
+
+
+def product(image: np.ndarray, weight: np.ndarray, header: fits.Header) -> fits.HDUList:
+    """A stack in the calib-frame layout: data, MASK (bit 2 where nothing contributed), VARIANCE."""
+    good = weight > 0
+    variance = np.where(good, 1.0 / np.where(good, weight, 1.0), 0.0).astype(np.float32)
+    mask = np.where(good, 0, 2).astype(np.uint8)
+    mh = fits.Header()
+    mh["MASK_2"] = ("BAD", "no input frame covers the pixel")
+    return fits.HDUList([fits.PrimaryHDU(np.where(good, image, 0.0).astype(np.float32), header),
+                         fits.ImageHDU(mask, mh, name="MASK"), fits.ImageHDU(variance, name="VARIANCE")])
+
+
+def run(ctx: Night, stack: str) -> dict:
+    entry = ctx.item("stack", stack)
+    cfg = settings("stack")
+    frames = {f["id"]: f for f in ctx.plan()["frames"]}
+    output_url = ctx.url(entry["output"])
+    timer = Timer()
+    loaded, left_out = [], []
+    for fid in entry["frames"]:
+        got = load_frame(ctx, frames[fid], cfg)
+        if isinstance(got, str):
+            left_out.append({"frame": fid, "reason": got})
+            log.event(_log, "frame left out of the stack", stack=stack, frame=fid, reason=got)
+        else:
+            loaded.append(got)
+    if not loaded:
+        reasons = "; ".join(f"{n['frame']}: {n['reason']}" for n in left_out)
+        raise BadInputError(f"stack {stack} has no usable frame ({reasons})", path=output_url)
+    work = input_hash("stack", [_identity(item.header, frames[info.id]["output"]) for item, info, _ in loaded],
+                      {"cfg": cfg, "swarp": config.file_hash(config.config_dir() / sw.CONFIG)})
+    result = {"stack": stack, "output": entry["output"], "weight": weight_key(entry["output"]),
+              "frames": [info.id for _, info, _ in loaded], "left_out": left_out}
+    if is_done(output_url, work, ctx.force):
+        log.event(_log, "already stacked from the same inputs and settings", stack=stack)
+        result |= {"skipped": True, "photometry": stack_photometry(ctx, entry)}
+        return result
+    infos = [info for _, info, _ in loaded]
+    common = sk.common_zero_point([i.zp for i in infos], cfg["common_zp"])
+    scales = [sk.flux_scale(i.zp, common) for i in infos]
+    options = {"NTHREADS": int(cfg.get("nthreads", 0))} | dict(cfg.get("swarp") or {})
+    out = sw.swarp([scaled_input(item, info, common) for item, info, _ in loaded], options)
+    first = loaded[0][0].header
+    header = out.header.copy()
+    for key in ("GAIN", "FLXSCALE"):
+        header.remove(key, ignore_missing=True)
+    for key in CARRY_KEYS:
+        if key in first:
+            header[key] = (first[key], first.comments[key])
+    prov = sw.provenance()
+    header = sk.stack_header(header, infos, scales, common, left_out=left_out, provenance={
+        "SWVERSN": (prov["version"], "SWarp version"), "SWCONF": (prov[sw.CONFIG], "hash of swarp.conf"),
+        "PIPEVER": (__version__, "gppy-stage version"), "GPHASH": (work, "hash of inputs and settings"),
+        "ZPKEY": (loaded[0][2]["zp_key"], "input header key the zero points came from"),
+        # the grid's WCS is SWarp's, from inputs SCAMP solved: photometry may trust it
+        "ASTROMTD": ("SWarp", "WCS of the resampled grid (inputs solved by SCAMP)"),
+        "ASTRHASH": (work, "hash of the stack's inputs and settings")})
+    put_hdul(ctx.url(weight_key(entry["output"])), fits.HDUList([fits.PrimaryHDU(out.weight, header)]))
+    put_hdul(output_url, product(out.image, out.weight, header))
+    write_sidecar(output_url, work, stack=stack, frames=result["frames"], left_out=left_out, zp=common)
+    coverage = float(np.mean(out.weight > 0))
+    log.event(_log, "stacked", stack=stack, output=entry["output"], ncombine=len(infos), left_out=len(left_out),
+              zp=round(common, 4), seconds=timer.seconds)
+    result |= {"ncombine": len(infos), "zp": common, "exptime": float(header["EXPTIME"]), "egain": header["EGAIN"],
+               "coverage": round(coverage, 4), "shape": list(out.image.shape), "seconds": timer.seconds}
+    result["photometry"] = stack_photometry(ctx, entry)
+    return result
+
+
+def stack_photometry(ctx: Night, entry: dict) -> dict:
+    """The photometry stage's measurement of the stack (``*com.phot.cat``, ZP keys in its header).
+
+    A stack whose photometry fails (too few reference stars, say) is still a stack: the failure is
+    reported in the result rather than losing the product.
+    """
+    from .photometry import run_product
+
+    try:
+        return {"status": "done", "result": run_product(ctx, entry["output"], entry["field"], entry["filter"],
+                                                        label=entry["id"])}
+    except BadInputError as exc:
+        return {"status": "failed", "reason": exc.reason}

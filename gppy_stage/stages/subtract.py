@@ -1,0 +1,228 @@
+"""The subtract stage: a stack minus its reference frame -> ``*com.diff.fits`` (+ noise, mask, ref).
+
+The reference (``ref_frame/<filter>/ref_7DT_<OBJ>_*.fits``, else ``ref_PS1_<OBJ>_*_<filter>_0.fits``)
+is resampled onto the stack's grid by SWarp (the tool the stack already uses; astropy's reproject
+would be one more dependency), its variance carried as a SWarp weight map, and scaled to the
+stack's zero point when it has one. ``science.subtract.subtract`` then matches the PSFs with the
+engine of ``config/subtract.yaml`` (``native`` by default, ``hotpants`` when configured and on
+PATH) on the array namespace of ``gppy_stage.xp.get_xp()``.
+
+Products beside the stack (``<stem>`` = the stack's name without ``.fits``):
+``<stem>.diff.fits`` (new - ref, in the reference's scale, WCS, ``ZP`` of the difference and the
+kernel's description), ``<stem>.diff.noise.fits`` (1 sigma), ``<stem>.diff.mask.fits`` (1 = do
+not trust) and ``<stem>.ref.fits`` (the reference on the stack's grid, for stamps).
+
+A field without a reference is no failure: the result says ``status: no reference`` and the
+detect stage and the report carry that on.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import shutil
+
+import numpy as np
+from astropy.io import fits
+
+from .. import __version__, log, storage
+from ..errors import BadInputError, ConfigError
+from ..fitsio import put_hdul, read_hdul
+from ..science.subtract import subtract as subtract_images
+from ..tools import swarp as sw
+from ..xp import device_name, get_xp
+from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
+from .stack import settings, stem, zero_point
+
+_log = log.get("subtract")
+
+NO_REFERENCE = "no reference"
+REF_ZP_KEYS = ("ZP", "ZP_AUTO", "ZP_APER_1", "MAGZERO", "MAGZPT")
+
+
+def product_keys(stack_key: str) -> dict[str, str]:
+    s = stem(stack_key)
+    return {"diff": f"{s}.diff.fits", "noise": f"{s}.diff.noise.fits", "mask": f"{s}.diff.mask.fits",
+            "ref": f"{s}.ref.fits"}
+
+
+def find_reference(root: str, field: str, filt: str, patterns=None) -> str | None:
+    """Key (relative to root) of the reference frame of a field and filter, or None.
+
+    Patterns are tried in order (7DT's own deep stacks first, then PS1); within one the last
+    name in sort order wins, so a newer reference named with a later date replaces an older one.
+    """
+    patterns = patterns or settings("reference")["patterns"]
+    prefix = f"ref_frame/{filt}"
+    names = [o.key for o in storage.list_objects(storage.join(root, prefix), recursive=False)]
+    for pattern in patterns:
+        hits = sorted(n for n in names if fnmatch.fnmatchcase(n, pattern.format(obj=field, filter=filt)))
+        if hits:
+            return f"{prefix}/{hits[-1]}"
+    return None
+
+
+def choose_engine(cfg: dict) -> str:
+    engine = str(cfg.get("engine", "native")).lower()
+    if engine == "auto":
+        return "hotpants" if shutil.which("hotpants") else "native"
+    if engine not in ("native", "hotpants"):
+        raise ConfigError(f"subtract.yaml: engine must be native, hotpants or auto, not {engine!r}")
+    if engine == "hotpants" and not shutil.which("hotpants"):
+        raise ConfigError("subtract.yaml asks for the hotpants engine but hotpants is not on PATH")
+    return engine
+
+
+def reference_variance(ref: np.ndarray, header: fits.Header) -> np.ndarray | None:
+    """Poisson + sky variance of a sky-subtracted reference from its GAIN and SKYVAL (None when the
+    header does not say: the engine then measures a flat one from the sky scatter)."""
+    gain, sky = header.get("GAIN"), header.get("SKYVAL")
+    try:
+        gain, sky = float(gain), float(sky)
+    except (TypeError, ValueError):
+        return None
+    if not (gain > 0 and math.isfinite(gain) and math.isfinite(sky)):
+        return None
+    var = (np.clip(ref, 0, None) + max(sky, 0.0)) / gain
+    return np.where(var > 0, var, np.nan).astype(np.float32)
+
+
+def reference_on_grid(ref: np.ndarray, ref_header: fits.Header, grid_header: fits.Header, shape: tuple[int, int],
+                      scale: float) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(image, variance or None, bad-pixel mask) of the reference resampled onto a grid and scaled."""
+    var = reference_variance(ref, ref_header)
+    weight = None if var is None else np.where(np.isfinite(var), 1.0 / np.where(np.isfinite(var), var, 1.0), 0.0)
+    good = np.isfinite(ref)
+    item = sw.SwarpInput(data=np.where(good, ref, 0.0), header=ref_header,
+                         weight=np.where(good, 1.0 if weight is None else weight, 0.0))
+    out = sw.resample(item, grid_header, shape, {"NTHREADS": int(settings("stack").get("nthreads", 0))})
+    covered = out.weight > 0
+    img = np.where(covered, out.image * scale, 0.0).astype(np.float32)
+    rvar = None
+    if var is not None:
+        rvar = np.where(covered, scale * scale / np.where(covered, out.weight, 1.0), 0.0).astype(np.float32)
+    return img, rvar, ~covered
+
+
+def load_stack(url: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, fits.Header]:
+    with read_hdul(url) as hdul:
+        return (np.asarray(hdul[0].data, np.float32), np.asarray(hdul["VARIANCE"].data, np.float32),
+                np.asarray(hdul["MASK"].data) != 0, hdul[0].header.copy())
+
+
+def run_subtraction(new, new_var, new_mask, ref, ref_var, ref_mask, *, engine: str, settings_: dict,
+                    new_saturation: float | None = None):
+    """``science.subtract.subtract`` on the configured array namespace; host arrays back."""
+    xp = get_xp()
+    kw = dict(settings_)
+    if new_saturation is not None and "new_saturation" not in kw and engine == "native":
+        kw["new_saturation"] = float(new_saturation)
+    res = subtract_images(xp.asarray(new), xp.asarray(ref), new_var=xp.asarray(new_var),
+                          ref_var=None if ref_var is None else xp.asarray(ref_var), new_mask=xp.asarray(new_mask),
+                          ref_mask=xp.asarray(ref_mask), engine=engine, xp=xp if engine == "native" else np, **kw)
+    return res.to_numpy(), device_name(xp)
+
+
+def kernel_cards(info: dict, convolved: str) -> list[tuple[str, object, str]]:
+    """The kernel's description as header cards (numbers only; the kernel image is an extension)."""
+    cards = [("ENGINE", info.get("engine", "?"), "subtraction engine"),
+             ("CONVOLV", convolved, "which input was convolved")]
+    for key, name, comment in (("sum", "KSUM", "kernel sum"), ("flux_scale", "FLXRATIO", "flux scale new/ref"),
+                               ("chi2", "KCHI2", "kernel fit chi2 per pixel"), ("n_stamps", "KNSTAMP", "stamps used"),
+                               ("n_stamps_rejected", "KNREJ", "stamps rejected"), ("fwhm_new", "FWHMNEW", "[px] new"),
+                               ("fwhm_ref", "FWHMREF", "[px] reference"), ("half_width", "KHALF", "kernel half width"),
+                               ("spatial_order", "KSPORD", "kernel spatial order"), ("bg_order", "KBGORD",
+                                                                                       "background order")):
+        value = info.get(key)
+        if isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(float(value)):
+            cards.append((name, float(value) if isinstance(value, (float, np.floating)) else int(value), comment))
+    return cards
+
+
+def run(ctx: Night, stack: str) -> dict:
+    entry = ctx.item("stack", stack)
+    cfg = settings("subtract")
+    stack_url = ctx.url(entry["output"])
+    keys = product_keys(entry["output"])
+    result = {"stack": stack, "output": keys["diff"]}
+    if not storage.exists(stack_url):
+        raise BadInputError(f"stack {stack} was not made (see the stack stage's result)", path=stack_url)
+    ref_key = find_reference(ctx.root, entry["field"], entry["filter"])
+    if ref_key is None:
+        reason = (f"no reference frame for {entry['field']} in {entry['filter']} under ref_frame/{entry['filter']}/ "
+                  f"({' or '.join(settings('reference')['patterns'])})")
+        log.event(_log, NO_REFERENCE, level=30, stack=stack, reason=reason)
+        return result | {"status": NO_REFERENCE, "flag": "no_reference", "reason": reason, "output": None}
+    engine = choose_engine(cfg)
+    stack_meta = read_sidecar(stack_url) or {}
+    ref_info = storage.list_objects(ctx.url(ref_key).rsplit("/", 1)[0], recursive=False)
+    ref_size = next((o.size for o in ref_info if o.key == storage.basename(ref_key)), None)
+    work = input_hash("subtract", [{"stack": entry["output"], "hash": stack_meta.get("hash")},
+                                   {"ref": ref_key, "size": ref_size}], {"cfg": cfg, "engine": engine})
+    diff_url = ctx.url(keys["diff"])
+    if is_done(diff_url, work, ctx.force):
+        log.event(_log, "already subtracted from the same inputs and settings", stack=stack)
+        return result | {"status": "done", "skipped": True, "reference": ref_key, **(read_sidecar(diff_url) or {}).get("summary", {})}
+    timer = Timer()
+    new, new_var, new_mask, header = load_stack(stack_url)
+    with read_hdul(ctx.url(ref_key)) as hdul:
+        ref_raw = np.asarray(hdul[0].data, np.float32)
+        ref_header = hdul[0].header.copy()
+    zp_new, _ = zero_point(header, ("ZP",) + tuple(settings("stack")["zp_keys"]))
+    zp_ref, _ = zero_point(ref_header, REF_ZP_KEYS)
+    # the reference on the stack's zero point: the kernel then only matches PSFs, its flux scale
+    # near 1 checks both zero points
+    scale = 10 ** (0.4 * (zp_new - zp_ref)) if zp_new is not None and zp_ref is not None else 1.0
+    ref, ref_var, ref_mask = reference_on_grid(ref_raw, ref_header, header, new.shape, scale)
+    if (~ref_mask).mean() < 0.2:
+        raise BadInputError(f"reference {storage.basename(ref_key)} covers {100 * (~ref_mask).mean():.0f}% of the stack",
+                            path=stack_url)
+    res, device = run_subtraction(new, new_var, new_mask, ref, ref_var, ref_mask, engine=engine,
+                                  settings_=cfg.get("settings") or {}, new_saturation=header.get("SATURATE"))
+    info = res.kernel_info
+    flux_scale = float(info.get("flux_scale", 1.0))
+    zp_ref_scaled = zp_new if (zp_new is not None and zp_ref is not None) else zp_ref
+    # the difference is in the reference's scale: a source of F new-ADU has F/flux_scale there
+    zp_diff = (zp_new - 2.5 * math.log10(flux_scale)) if zp_new is not None else zp_ref_scaled
+    fwhm = max(float(info.get("fwhm_new", 0) or 0), float(info.get("fwhm_ref", 0) or 0)) or None
+
+    from astropy.wcs import WCS
+
+    h = WCS(header).to_header(relax=True)
+    for key in ("OBJECT", "FILTER", "TELESCOP", "DATE-OBS", "MJD", "EXPTIME", "NCOMBINE"):
+        if key in header:
+            h[key] = (header[key], header.comments[key])
+    h["STACK"] = (storage.basename(entry["output"]), "the new image")
+    h["REFFRAME"] = (storage.basename(ref_key), "the reference image")
+    h["REFSCALE"] = (round(scale, 6), "reference multiplied by this before subtraction")
+    if zp_diff is not None:
+        h["ZP"] = (round(zp_diff, 5), "mag = ZP - 2.5 log10(ADU) in the difference")
+    if zp_new is not None:
+        h["ZPNEW"] = (round(zp_new, 5), "zero point of the stack")
+    if zp_ref is not None:
+        h["ZPREF"] = (round(zp_ref, 5), "zero point of the reference as given")
+    if fwhm:
+        h["FWHM"] = (round(fwhm, 3), "[px] PSF FWHM of the difference (broader input)")
+    for name, value, comment in kernel_cards(info, res.convolved):
+        h[name] = (value, comment)
+    h["GPDEVICE"] = (device, "array backend of the subtraction")
+    h["PIPEVER"] = (__version__, "gppy-stage version")
+    h["GPHASH"] = (work, "hash of inputs and settings")
+    diff_hdus = [fits.PrimaryHDU(np.asarray(res.diff, np.float32), h)]
+    kernel = info.get("kernel")
+    if isinstance(kernel, np.ndarray) and kernel.ndim == 2:
+        diff_hdus.append(fits.ImageHDU(kernel.astype(np.float32), name="KERNEL"))
+    noise = np.where(np.isfinite(res.noise), res.noise, 0.0).astype(np.float32)
+    put_hdul(ctx.url(keys["noise"]), fits.HDUList([fits.PrimaryHDU(noise, h)]))
+    put_hdul(ctx.url(keys["mask"]), fits.HDUList([fits.PrimaryHDU(np.asarray(res.mask).astype(np.uint8), h)]))
+    ref_h = h.copy()
+    ref_h["ZP"] = (round(zp_ref_scaled, 5) if zp_ref_scaled is not None else "", "zero point of this image")
+    put_hdul(ctx.url(keys["ref"]), fits.HDUList([fits.PrimaryHDU(ref, ref_h)]))
+    put_hdul(diff_url, fits.HDUList(diff_hdus))
+    summary = {"status": "done", "reference": ref_key, "engine": engine, "convolved": res.convolved,
+               "flux_scale": round(flux_scale, 5), "zp": zp_diff, "fwhm_px": fwhm,
+               "n_stamps": info.get("n_stamps"), "masked_fraction": round(float(np.mean(res.mask)), 4)}
+    write_sidecar(diff_url, work, stack=stack, summary=summary, products=keys)
+    log.event(_log, "subtracted", stack=stack, reference=ref_key, engine=engine, flux_scale=round(flux_scale, 4),
+              seconds=timer.seconds)
+    return result | summary | {"products": keys, "seconds": timer.seconds}

@@ -1,0 +1,73 @@
+"""Reference catalogues: 7DT Gaia XP CSV, column maps for other catalogues, proper motion, LDAC."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.table import Table
+from astropy.time import Time
+
+sys.path.insert(0, str(Path(__file__).parent))
+from astro_synth import make_frame, refcat_csv_bytes  # noqa: E402
+
+from gppy_stage.errors import BadInputError  # noqa: E402
+from gppy_stage.science import refcat  # noqa: E402
+from gppy_stage.tools import ldac  # noqa: E402
+
+
+def test_gaiaxp_csv_from_bytes_and_path(tmp_path):
+    _, hdr, _, truth = make_frame(seed=1, shape=(200, 200), n_stars=30)
+    raw = refcat_csv_bytes(truth["refcat"])
+    a = refcat.read_refcat(raw, name="gaiaxp_dr3_synphot_T10779.csv")
+    p = tmp_path / refcat.refcat_name("T10779")
+    p.write_bytes(raw)
+    b = refcat.read_refcat(p)
+    assert a.meta["REFCAT"] == b.meta["REFCAT"] == "gaiaxp_dr3_synphot_T10779.csv"
+    assert a.meta["EPOCH"] == 2016.0
+    assert refcat.bands(a) == ["m425"]
+    np.testing.assert_allclose(a["mag_m425"], truth["refcat"]["mag_m425"])
+
+
+def test_proper_motion_moves_stars_to_the_observation_epoch():
+    _, hdr, _, truth = make_frame(seed=2, shape=(200, 200), n_stars=30)
+    ref = refcat.read_refcat(refcat_csv_bytes(truth["refcat"]))
+    moved = refcat.at_epoch(ref, Time(hdr["DATE-OBS"]))
+    stars = truth["stars"]  # positions as imaged at DATE-OBS
+    before = np.hypot((ref["ra"] - stars["ra"]) * np.cos(np.radians(stars["dec"])), ref["dec"] - stars["dec"]) * 3600
+    after = np.hypot((moved["ra"] - stars["ra"]) * np.cos(np.radians(stars["dec"])), moved["dec"] - stars["dec"]) * 3600
+    assert np.median(before) > 0.05  # 9 years of ~10 mas/yr
+    assert np.max(after) < 1e-3
+    assert abs(moved.meta["EPOCH"] - Time(hdr["DATE-OBS"]).jyear) < 1e-6
+
+
+def test_column_maps_and_vega_to_ab():
+    apass = Table({"RAJ2000": [10.0, 10.1], "DEJ2000": [-5.0, -5.1], "Bmag": [14.0, 15.0], "e_Bmag": [0.02, 0.03],
+                   "Vmag": [13.5, 14.2], "e_Vmag": [0.01, 0.02]})
+    out = refcat.standardize(apass, "apass")
+    np.testing.assert_allclose(out["mag_B"], [13.91, 14.91])
+    np.testing.assert_allclose(out["mag_V"], [13.52, 14.22])
+    tm = refcat.standardize(Table({"RAJ2000": [1.0], "DEJ2000": [2.0], "Jmag": [12.0], "e_Jmag": [0.02],
+                                   "Kmag": [11.0], "e_Kmag": [0.03]}), "2mass")
+    assert tm["mag_J"][0] == pytest.approx(12.91) and tm["mag_Ks"][0] == pytest.approx(12.85)
+    ps1 = refcat.standardize(Table({"raMean": [1.0], "decMean": [2.0], "gMeanPSFMag": [16.0],
+                                    "gMeanPSFMagErr": [0.01]}), "ps1")
+    assert ps1["mag_g"][0] == 16.0 and np.all(ps1["pmra"] == 0)
+    assert refcat.VEGA_TO_AB["U"] == 0.79 and refcat.VEGA_TO_AB["I"] == 0.45 and refcat.VEGA_TO_AB["H"] == 1.39
+
+
+def test_missing_or_broken_catalogue_is_bad_input(tmp_path):
+    with pytest.raises(BadInputError, match="not found"):
+        refcat.read_refcat(tmp_path / "gaiaxp_dr3_synphot_NOPE.csv")
+    with pytest.raises(BadInputError, match="empty"):
+        refcat.read_refcat(b"")
+    with pytest.raises(BadInputError, match="no column"):
+        refcat.read_refcat(b"a,b\n1,2\n")
+
+
+def test_scamp_reference_ldac():
+    _, _, _, truth = make_frame(seed=3, shape=(200, 200), n_stars=30)
+    ref = refcat.read_refcat(refcat_csv_bytes(truth["refcat"]))
+    t = ldac.read_ldac(refcat.scamp_reference_ldac(ref, "m425"))
+    assert set(["X_WORLD", "Y_WORLD", "ERRA_WORLD", "MAG", "MAGERR"]) <= set(t.colnames)
+    np.testing.assert_allclose(t["X_WORLD"], ref["ra"])

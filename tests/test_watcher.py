@@ -1,0 +1,382 @@
+"""The watcher and the backlog, against a real S3 endpoint (moto_server on 127.0.0.1) and a
+Kubernetes API emulator speaking real HTTP, driven by the official kubernetes client."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import date
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from gppy_stage import storage
+from gppy_stage.cluster import checks, watcher, workflow
+from gppy_stage.cluster.cli import register
+
+SECRET_HOOK_PATH = "/services/T000/B000/s3cr3t-token-do-not-log"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(handler_cls) -> tuple[ThreadingHTTPServer, str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+# --- S3: moto_server --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def bucket(s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("GPPY_S3_ENDPOINT", raising=False)
+    # storage keeps one boto3 client per thread, made on first use: drop one that another test
+    # may have pointed at another endpoint
+    monkeypatch.setattr(storage._local, "client", None, raising=False)
+    import boto3
+
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def put_raw(root: str, unit: str, night: str, n: int, start: int = 0, size: int = 1000) -> None:
+    for i in range(start, start + n):
+        key = f"obsdata/{unit}/{night}/{unit}_20250101_03{i:02d}00_M31_r_1x1_60.0s_{i:04d}.fits"
+        storage.put_bytes(storage.join(root, key), b"\0" * size, allow_raw=True)
+
+
+# --- a Kubernetes API emulator ---------------------------------------------------------------
+
+
+class KubeAPI:
+    """Workflows in a dict behind the Kubernetes REST paths the client uses: POST creates (409 when
+    the name exists; 422 when the body fails Argo's strict CRD schema, as an API server would), GET
+    reads one or lists them. A namespace named "forbidden" answers 403."""
+
+    def __init__(self):
+        self.objects: dict[tuple[str, str], dict] = {}
+        self.creates = 0  # POST attempts
+        self.lock = threading.Lock()
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code, body):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _status(self, code, reason, message):
+                self._send(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                  "reason": reason, "message": message, "code": code})
+
+            def _route(self):
+                parts = self.path.split("?")[0].strip("/").split("/")
+                # apis/argoproj.io/v1alpha1/namespaces/<ns>/workflows[/<name>]
+                if parts[:3] != ["apis", "argoproj.io", "v1alpha1"] or parts[3] != "namespaces" or parts[5] != "workflows":
+                    return None
+                return parts[4], (parts[6] if len(parts) > 6 else None)
+
+            def do_POST(self):
+                route = self._route()
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if route is None:
+                    return self._status(404, "NotFound", self.path)
+                ns, _ = route
+                if ns == "forbidden":
+                    return self._status(403, "Forbidden", "workflows is forbidden")
+                errs = checks.argo_schema_errors(body)
+                if errs:
+                    return self._status(422, "Invalid", "; ".join(errs))
+                with api.lock:
+                    api.creates += 1
+                    name = body["metadata"].get("name") or body["metadata"]["generateName"] + uuid.uuid4().hex[:5]
+                    if (ns, name) in api.objects:
+                        return self._status(409, "AlreadyExists", f'workflows.argoproj.io "{name}" already exists')
+                    body["metadata"].update(name=name, namespace=ns, uid=str(uuid.uuid4()),
+                                            creationTimestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                    api.objects[(ns, name)] = body
+                self._send(201, body)
+
+            def do_GET(self):
+                route = self._route()
+                if route is None:
+                    return self._status(404, "NotFound", self.path)
+                ns, name = route
+                with api.lock:
+                    if name is None:
+                        items = [o for (n, _), o in api.objects.items() if n == ns]
+                        return self._send(200, {"apiVersion": "argoproj.io/v1alpha1", "kind": "WorkflowList",
+                                                "metadata": {}, "items": items})
+                    obj = api.objects.get((ns, name))
+                if obj is None:
+                    return self._status(404, "NotFound", name)
+                self._send(200, obj)
+
+        self.server, self.url = _serve(Handler)
+
+    def names(self, ns: str = "gppy") -> list[str]:
+        return sorted(n for (s, n) in self.objects if s == ns)
+
+
+@pytest.fixture
+def kube(tmp_path, monkeypatch):
+    api = KubeAPI()
+    cfg = tmp_path / "kubeconfig"
+    cfg.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emu",
+        "clusters": [{"name": "emu", "cluster": {"server": api.url}}],
+        "users": [{"name": "emu", "user": {"token": "dummy"}}],
+        "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "emu", "namespace": "gppy"}}],
+    }))
+    api.kubeconfig = str(cfg)
+    monkeypatch.setenv("KUBECONFIG", str(cfg))
+    # not inside a pod here, whatever the machine says
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    yield api
+    api.server.shutdown()
+
+
+@pytest.fixture
+def slack(monkeypatch):
+    """A webhook receiver on 127.0.0.1; its URL (the secret) is set the way the CronJob sets it."""
+    got: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            got.append({"path": self.path, **json.loads(self.rfile.read(int(self.headers["Content-Length"])))})
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+    server, url = _serve(Hook)
+    monkeypatch.setenv(watcher.SLACK_ENV, url + SECRET_HOOK_PATH)
+    yield got
+    server.shutdown()
+
+
+def _poll(root, kube, **kw):
+    kw.setdefault("quiet_s", 0)
+    return watcher.poll(root, kw.pop("units", ["7DT03"]), watcher.kube_api(kube.kubeconfig), **kw)
+
+
+def _action(decisions, night):
+    return [d.action for d in decisions if d.night == night]
+
+
+TODAY = time.strftime("%Y-%m-%d", time.gmtime())
+NIGHT = f"{TODAY}_gain2750"
+
+
+# --- the watcher -----------------------------------------------------------------------------
+
+
+def test_a_growing_night_is_not_submitted(bucket, kube):
+    put_raw(bucket, "7DT03", NIGHT, 3)
+    assert _action(_poll(bucket, kube), NIGHT) == ["growing"]  # first sight: nothing to compare with
+    for i in range(3):
+        put_raw(bucket, "7DT03", NIGHT, 1, start=3 + i)
+        assert _action(_poll(bucket, kube), NIGHT) == ["growing"]
+    assert kube.creates == 0 and kube.names() == []
+    state = json.loads(storage.get_bytes(storage.join(bucket, watcher.STATE_KEY)))
+    assert state["nights"][f"7DT03/{NIGHT}"]["count"] == 6
+
+
+def test_a_stable_night_waits_for_the_quiet_period(bucket, kube):
+    put_raw(bucket, "7DT03", NIGHT, 2)
+    _poll(bucket, kube, quiet_s=3600)
+    assert _action(_poll(bucket, kube, quiet_s=3600), NIGHT) == ["settling"]
+    # an hour later with nothing new, it is ready
+    assert _action(_poll(bucket, kube, quiet_s=3600, now=time.time() + 3700), NIGHT) == ["submitted"]
+    assert kube.creates == 1
+
+
+def test_a_stable_night_is_submitted_once_across_many_polls(bucket, kube, slack, caplog):
+    caplog.set_level("INFO", logger="gppy")
+    put_raw(bucket, "7DT03", NIGHT, 4)
+    actions = [_action(_poll(bucket, kube), NIGHT) for _ in range(6)]
+    assert actions[:2] == [["growing"], ["submitted"]]
+    assert all(a == [] for a in actions[2:])  # the marker: the night is not even looked at again
+    name = watcher.workflow_name("7DT03", NIGHT)
+    assert kube.names() == [name] and kube.creates == 1
+    wf = kube.objects[("gppy", name)]
+    params = {p["name"]: p.get("value") for p in wf["spec"]["arguments"]["parameters"]}
+    assert params == {"obs": "7DT03", "night": NIGHT, "root": bucket}
+    assert wf["spec"]["workflowTemplateRef"]["name"] == workflow.TEMPLATE_NAME
+    marker = json.loads(storage.get_bytes(watcher.marker_url(bucket, "7DT03", NIGHT)))
+    assert marker["workflow"] == name and marker["result"] == "submitted"
+    assert len(slack) == 1 and "new night detected: 7DT03 " + NIGHT in slack[0]["text"]
+    assert slack[0]["path"] == SECRET_HOOK_PATH
+    logged = [f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in caplog.records]
+    assert any(line.startswith("submitted") for line in logged)
+    assert not any("s3cr3t-token" in line for line in logged)
+
+
+def test_two_watchers_racing_submit_once(bucket, kube, slack):
+    put_raw(bucket, "7DT03", NIGHT, 3)
+    barrier = threading.Barrier(2)
+    results: list[list] = [[], []]
+    failures = []
+
+    def run(i):
+        try:
+            api = watcher.kube_api(kube.kubeconfig)
+            for _ in range(4):
+                barrier.wait(timeout=60)
+                results[i] += watcher.poll(bucket, ["7DT03"], api, quiet_s=0)
+        except Exception as exc:  # surfaced below: a thread's exception would otherwise vanish
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures
+    assert kube.names() == [watcher.workflow_name("7DT03", NIGHT)]
+    created = [d for r in results for d in r if d.action == "submitted"]
+    assert len(created) == 1 and len(slack) == 1
+    # whoever lost the race was told by the API server (409), or saw the winner's marker
+    assert kube.creates in (1, 2)
+
+
+def test_submission_is_idempotent_at_the_api(kube):
+    api = watcher.kube_api(kube.kubeconfig)
+    body = workflow.night_workflow("7DT03", NIGHT, name=watcher.workflow_name("7DT03", NIGHT))
+    assert watcher.submit(api, "gppy", body) == "created"
+    assert watcher.submit(api, "gppy", body) == "exists"
+    assert kube.creates == 2 and len(kube.names()) == 1
+    from gppy_stage.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="403"):
+        watcher.submit(api, "forbidden", body)
+
+
+def test_too_test_and_stray_folders(bucket, kube):
+    too, test, old = f"{TODAY}_ToO_gain2750", f"{TODAY}_gain2750_test", "2001-01-01_gain2750"
+    for night in (too, test, old, "not-a-night"):
+        put_raw(bucket, "7DT03", night, 2)
+    _poll(bucket, kube)
+    d = _poll(bucket, kube)
+    assert _action(d, too) == ["submitted"] and _action(d, test) == ["skipped-test"]
+    assert _action(d, old) == [] and _action(d, "not-a-night") == []  # beyond the lookback; not a night
+    wf = kube.objects[("gppy", watcher.workflow_name("7DT03", too))]
+    assert wf["spec"]["priority"] == workflow.WORKFLOW_PRIORITY_TOO
+    assert wf["metadata"]["labels"]["gppy.io/too"] == "true"
+    # a skipped folder was never observed: with --include-test it settles like any other
+    assert _action(_poll(bucket, kube, include_test=True), test) == ["growing"]
+    assert _action(_poll(bucket, kube, include_test=True), test) == ["submitted"]
+
+
+def test_workflow_names_are_dns_safe_and_distinct():
+    nights = ["2025-01-01_gain2750", "2025-01-01_ToO_gain2750", "2025-01-01_gain2750_ToO",
+              "2025-01-01_gain2750_too", "2025-01-01_gain2750_1x1_test"]
+    names = [watcher.workflow_name("7DT03", n) for n in nights]
+    assert len(set(names)) == len(names)
+    for n in names:
+        assert len(n) <= 63 and n == n.lower()
+        assert all(c.isalnum() or c == "-" for c in n) and n[0].isalnum() and n[-1].isalnum()
+    assert watcher.workflow_name("7DT03", nights[0]) == names[0]  # deterministic
+
+
+def _cli() -> typer.Typer:
+    app = typer.Typer()
+    app.command("version")(lambda: None)
+    register(app)
+    return app
+
+
+def test_watch_once_command(bucket, kube, monkeypatch):
+    monkeypatch.setenv("GPPY_ROOT", bucket)
+    monkeypatch.setenv("GPPY_UNITS", "7DT01,7DT03")
+    monkeypatch.setenv("GPPY_QUIET_MINUTES", "0")
+    put_raw(bucket, "7DT03", NIGHT, 2)
+    runner = CliRunner()
+    for _ in range(2):
+        r = runner.invoke(_cli(), ["watch", "--once"])
+        assert r.exit_code == 0, r.output
+    assert kube.names() == [watcher.workflow_name("7DT03", NIGHT)]
+    r = runner.invoke(_cli(), ["watch", "--once", "--units", ""])
+    assert r.exit_code == 78 and "no units" in r.output
+
+
+# --- backlog ---------------------------------------------------------------------------------
+
+
+BACKLOG = ["2023-12-31_gain2750", "2024-01-01_gain2750", "2024-02-15_ToO_gain2750", "2024-03-31_gain2750",
+           "2024-03-31_gain2750_test", "2024-04-01_gain2750"]
+IN_RANGE = ["2024-01-01_gain2750", "2024-02-15_ToO_gain2750", "2024-03-31_gain2750"]
+
+
+def test_backlog_dry_run_then_submit(bucket, kube):
+    for night in BACKLOG:
+        put_raw(bucket, "7DT03", night, 1)
+    runner = CliRunner()
+    args = ["backlog", "--obs", "7DT03", "--from", "2024-01-01", "--to", "2024-03-31", "--root", bucket]
+    r = runner.invoke(_cli(), args + ["--dry-run"])
+    assert r.exit_code == 0, r.output
+    lines = [ln.split("\t") for ln in r.output.splitlines() if ln.startswith("would-submit")]
+    assert [ln[2] for ln in lines] == IN_RANGE and kube.creates == 0
+    r = runner.invoke(_cli(), args)
+    assert r.exit_code == 0, r.output
+    assert kube.names() == sorted(watcher.workflow_name("7DT03", n) for n in IN_RANGE)
+    for wf in kube.objects.values():
+        params = {p["name"]: p.get("value") for p in wf["spec"]["arguments"]["parameters"]}
+        assert params["priority-class"] == workflow.PRIORITY_BACKLOG
+        assert wf["spec"]["synchronization"]["semaphores"][0]["configMapKeyRef"]["key"] == workflow.SEM_BACKLOG
+    # a second run changes nothing
+    r = runner.invoke(_cli(), args)
+    assert r.exit_code == 0 and "0 night(s) submitted, 3 already there" in r.output
+    assert len(kube.objects) == 3
+
+
+def test_backlog_refuses_a_reversed_range(bucket, kube):
+    with pytest.raises(Exception, match="before"):
+        watcher.backlog(bucket, "7DT03", date(2024, 3, 1), date(2024, 1, 1), None)
