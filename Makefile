@@ -43,6 +43,7 @@ demo: install
 	rm -rf $(DEMO_ROOT)
 	gppy sim night --out $(DEMO_ROOT) --unit 7DT01 --night 2025-01-01 --filters m425,m475 --seed 7 > /dev/null
 	gppy night run --root $(DEMO_ROOT) --obs 7DT01 --night 2025-01-01_gain2750
+	@gppy sim check --root $(DEMO_ROOT) --obs 7DT01 --night 2025-01-01_gain2750
 
 bench: install
 	$(PYTHON) bench/bench_masters.py

@@ -194,6 +194,34 @@ def sim_night(
     typer.echo(json.dumps(summary, indent=1, default=str))
 
 
+@sim_app.command("check")
+def sim_check(
+    root: Path = typer.Option(..., "--root", help="The simulated night's folder, after `gppy night run`."),
+    obs: str = typer.Option("7DT01", "--obs", help=OBS_HELP),
+    night: str = typer.Option("2025-01-01_gain2750", "--night", help="Night folder."),
+):
+    """Say whether the simulated transient was found, where and how bright (against the truth)."""
+    from .sim.check import check_night
+
+    try:
+        transient, rows = check_night(root, obs, night)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc.filename}: not found (simulate with `gppy sim night` and run the night first)", err=True)
+        raise typer.Exit(errors.CONFIG)
+    typer.echo(f"simulated transient at RA {transient['ra']:.6f} Dec {transient['dec']:.6f}, "
+               f"{transient['host_offset_arcsec']:.1f}\" from its host galaxy:")
+    for r in rows:
+        if r["found"]:
+            c = r["candidate"]
+            typer.echo(f"  {r['filter']}: FOUND as candidate #{c['id']} of {c['stack']}, {r['sep_arcsec']:.2f}\" away, "
+                       f"mag {c['mag']:.2f} (true {r['true_mag']:.2f}, {r['dmag']:+.2f}), S/N {c['snr']:.0f}"
+                       + (f", stamp {root / c['stamp']}" if c.get("stamp") else ""))
+        else:
+            typer.echo(f"  {r['filter']}: not found (true mag {r['true_mag']:.2f})")
+    if not all(r["found"] for r in rows):
+        raise typer.Exit(1)
+
+
 @library_app.command("list")
 def library_list(
     root: str = typer.Option(..., "--root", help=ROOT_HELP),

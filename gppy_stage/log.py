@@ -42,7 +42,7 @@ def setup(level: str = "INFO") -> None:
     root = logging.getLogger("gppy")
     root.addHandler(handler)
     root.setLevel(level)
-    root.propagate = False
+    # records still propagate, so a host application's (or pytest's) handlers see them too
     _CONFIGURED = True
 
 

@@ -123,7 +123,8 @@ def test_calibrated_product_layout_and_provenance(night):
         h = hdul[0].header
         for key in ("MASTBIAS", "MASTDARK", "MASTFLAT", "PIPEVER", "GPHASH", "EGAIN", "RDNOISE", "NCRPIX"):
             assert key in h, key
-        assert h["IMAGETYP"] == "LIGHT" and "CTYPE1" not in h
+        assert h["IMAGETYP"] == "LIGHT"
+        assert h["ASTROMTD"] == "SCAMP" and "CTYPE1" in h and "ZP_APER_1" in h  # astrometry and photometry ran
         # the variance is honest: in a star-free corner, data scatter matches sqrt(variance)
         corner = (slice(20, 220), slice(20, 220))
         d, v = hdul[0].data[corner], hdul["VARIANCE"].data[corner]
@@ -193,17 +194,21 @@ def test_night_without_flats_borrows_the_nearest_earlier_flats(tmp_path):
 @pytest.mark.slow
 def test_night_run_on_s3_gives_the_same_products(tmp_path, night, s3_root):
     local_root, local_report, _ = night
+    # what a night's bucket holds: the raw frames and the field's reference catalogue
     storage.copy_tree(str(local_root / "obsdata"), storage.join(s3_root, "obsdata"), allow_raw=True)
+    storage.copy_tree(str(local_root / "ref_cat"), storage.join(s3_root, "ref_cat"))
     # the real command line, as a user runs it, against the moto endpoint
     proc = subprocess.run([sys.executable, "-m", "gppy_stage.cli", "night", "run", "--root", s3_root, "--obs", UNIT,
                            "--workers", "2"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "science out: 2" in proc.stdout
+    assert "science out: 2" in proc.stdout, proc.stdout[-3000:]
     for frame in local_report["frames"].values():
         with fits.open(local_root / frame["output"]) as a, storage.local_copy(storage.join(s3_root, frame["output"])) as p:
             with fits.open(p) as b:
                 np.testing.assert_array_equal(a[0].data, b[0].data)
                 np.testing.assert_array_equal(a["MASK"].data, b["MASK"].data)
+                for key in ("CRVAL1", "CRVAL2", "ZP_APER_1"):  # astrometry and photometry agree too
+                    assert a[0].header[key] == pytest.approx(b[0].header[key], abs=1e-6)
     assert storage.exists(storage.join(s3_root, "runs", UNIT, NIGHT, "report.json"))
 
 
