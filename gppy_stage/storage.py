@@ -142,30 +142,30 @@ def _s3_errors(url: str):
 # --- the interface ------------------------------------------------------------------------
 
 
+def _s3_pages(prefix: str, delimiter: bool):
+    """(bucket, key prefix, page) for each page of an S3 listing, errors typed."""
+    bucket, key = _split_s3(prefix)
+    key = key.rstrip("/") + "/" if key else ""
+    kwargs = {"Bucket": bucket, "Prefix": key} | ({"Delimiter": "/"} if delimiter else {})
+    with _s3_errors(prefix):
+        for page in _client().get_paginator("list_objects_v2").paginate(**kwargs):
+            yield bucket, key, page
+
+
 def list_objects(prefix: str, recursive: bool = True) -> list[ObjectInfo]:
     """Objects under a prefix (a folder), sorted by key. A missing prefix lists nothing."""
     prefix = str(prefix)
+    out = []
     if is_s3(prefix):
-        bucket, key = _split_s3(prefix)
-        key = key.rstrip("/") + "/" if key else ""
-        out = []
-        with _s3_errors(prefix):
-            paginator = _client().get_paginator("list_objects_v2")
-            kwargs = {"Bucket": bucket, "Prefix": key}
-            if not recursive:
-                kwargs["Delimiter"] = "/"
-            for page in paginator.paginate(**kwargs):
-                for obj in page.get("Contents", []):
-                    rel = obj["Key"][len(key):]
-                    out.append(ObjectInfo(f"s3://{bucket}/{obj['Key']}", rel, obj["Size"],
-                                          obj["LastModified"].timestamp()))
+        for bucket, key, page in _s3_pages(prefix, delimiter=not recursive):
+            for obj in page.get("Contents", []):
+                out.append(ObjectInfo(f"s3://{bucket}/{obj['Key']}", obj["Key"][len(key):], obj["Size"],
+                                      obj["LastModified"].timestamp()))
         return sorted(out, key=lambda o: o.key)
     base = _local_path(prefix)
     if not base.is_dir():
         return []
-    paths = base.rglob("*") if recursive else base.iterdir()
-    out = []
-    for p in paths:
+    for p in base.rglob("*") if recursive else base.iterdir():
         if p.is_file() and not p.name.startswith(".gppy-tmp-"):
             st = p.stat()
             out.append(ObjectInfo(str(p), p.relative_to(base).as_posix(), st.st_size, st.st_mtime))
@@ -176,14 +176,8 @@ def list_prefixes(prefix: str) -> list[str]:
     """Names of the immediate sub-folders (common prefixes) of a prefix."""
     prefix = str(prefix)
     if is_s3(prefix):
-        bucket, key = _split_s3(prefix)
-        key = key.rstrip("/") + "/" if key else ""
-        names = []
-        with _s3_errors(prefix):
-            paginator = _client().get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=bucket, Prefix=key, Delimiter="/"):
-                names += [cp["Prefix"][len(key):].rstrip("/") for cp in page.get("CommonPrefixes", [])]
-        return sorted(names)
+        return sorted(cp["Prefix"][len(key):].rstrip("/") for _, key, page in _s3_pages(prefix, delimiter=True)
+                      for cp in page.get("CommonPrefixes", []))
     base = _local_path(prefix)
     return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
 

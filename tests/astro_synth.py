@@ -13,17 +13,11 @@ from astropy.table import Table
 from astropy.time import Time
 from astropy.wcs import WCS
 
+from gppy_stage.sim import tangent_wcs
+
 
 def true_wcs(ra, dec, shape, pixscale, rot_deg=0.0) -> WCS:
-    ny, nx = shape
-    w = WCS(naxis=2)
-    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    w.wcs.crval = [ra, dec]
-    w.wcs.crpix = [(nx + 1) / 2, (ny + 1) / 2]
-    s = pixscale / 3600
-    c, sn = np.cos(np.radians(rot_deg)), np.sin(np.radians(rot_deg))
-    w.wcs.cd = np.array([[-s * c, s * sn], [s * sn, s * c]])
-    return w
+    return tangent_wcs(ra, dec, pixscale, shape, rot_deg)
 
 
 def moffat_stamp(x, y, flux, fwhm, beta, half):
@@ -101,8 +95,8 @@ def make_frame(
     err_ra, err_dec = pointing_error_arcsec
     pra = ra + err_ra / 3600 / np.cos(np.radians(dec))
     pdec = dec + err_dec / 3600
-    from astropy.coordinates import SkyCoord
     import astropy.units as u
+    from astropy.coordinates import SkyCoord
 
     c = SkyCoord(pra * u.deg, pdec * u.deg)
     hdr = fits.Header()
