@@ -240,8 +240,10 @@ def _register_optional():
     """Commands of parts that may not be installed everywhere (the cluster side needs hera/kubernetes)."""
     try:
         from .cluster.cli import register
-    except ImportError:
-        return
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in ("hera", "kubernetes"):
+            raise  # a missing module of our own is a bug, not an optional part
+        return  # without the [cluster] extra there is no watch/backlog: the rest works
     register(app)
 
 

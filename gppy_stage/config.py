@@ -108,13 +108,14 @@ def header_rules() -> dict[str, Any]:
     return _yaml(str(config_dir()), "header_rules.yaml")
 
 
-def settings(section: str | None = None) -> dict[str, Any]:
-    """Pipeline settings (``pipeline.yaml``), or one section of them."""
-    data = _yaml(str(config_dir()), "pipeline.yaml")
+def settings(section: str | None = None, file: str = "pipeline.yaml") -> dict[str, Any]:
+    """Settings of a YAML file in the configuration folder (``pipeline.yaml`` by default, or
+    ``subtract.yaml`` for stacking, subtraction, detection and notification), or one section."""
+    data = _yaml(str(config_dir()), file)
     if section is None:
         return data
     if section not in data:
-        raise ConfigError(f"pipeline.yaml has no section {section!r}")
+        raise ConfigError(f"{file} has no section {section!r}")
     return data[section]
 
 

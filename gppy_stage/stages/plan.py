@@ -68,17 +68,19 @@ def _read_header(obj: storage.ObjectInfo, by_key: dict[str, storage.ObjectInfo])
     head = by_key.get(f"{stem}.head")
     if head is not None:
         return header_from_head_text(storage.get_bytes(head.url).decode("ascii", "replace"))
-    # No sidecar: read header blocks until END (headers of raw frames are a few blocks).
+    # No sidecar: read the first blocks until the END card (a raw header is a few blocks), so an
+    # S3 night is planned without downloading any pixels.
+    end = b"END" + b" " * 77
     nbytes = BLOCK * 4
     while True:
         blob = storage.get_head(obj.url, nbytes)
-        try:
-            hdr = fits.Header.fromstring(blob[: blob.rfind(b"END" + b" " * 77) + 80].decode("ascii", "replace"))
-            if b"END" + b" " * 77 in blob:
-                return hdr
-        except Exception:
-            pass
-        if len(blob) < nbytes or nbytes > BLOCK * 64:
+        for at in range(0, len(blob) - 79, 80):
+            if blob[at:at + 80] == end:
+                try:
+                    return fits.Header.fromstring(blob[: at + 80].decode("ascii", "replace"))
+                except ValueError as exc:
+                    raise BadInputError(f"unreadable FITS header ({exc})", path=obj.url) from None
+        if len(blob) < nbytes or nbytes >= BLOCK * 64:
             raise BadInputError("cannot read a FITS header (no END card)", path=obj.url)
         nbytes *= 4
 

@@ -17,14 +17,12 @@ import functools
 import json
 import math
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
-import yaml
 from astropy.io import fits
 
 from .. import __version__, config, log, storage
-from ..errors import BadInputError, ConfigError
+from ..errors import BadInputError
 from ..fitsio import put_hdul, read_hdul
 from ..science import stack as sk
 from ..tools import swarp as sw
@@ -41,20 +39,9 @@ CARRY_KEYS = ("OBJECT", "FILTER", "IMAGETYP", "TELESCOP", "INSTRUME", "GAIN", "X
 
 
 @functools.lru_cache(maxsize=None)
-def _all_settings(folder: str) -> dict:
-    path = Path(folder) / "subtract.yaml"
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read: {exc}", path=str(path)) from exc
-
-
 def settings(section: str) -> dict:
     """One section of ``config/subtract.yaml`` (stack, reference, subtract, detect, curate, notify)."""
-    data = _all_settings(str(config.config_dir()))
-    if section not in data:
-        raise ConfigError(f"subtract.yaml has no section {section!r}")
-    return data[section]
+    return config.settings(section, file="subtract.yaml")
 
 
 def stem(key: str) -> str:
