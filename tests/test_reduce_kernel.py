@@ -45,3 +45,21 @@ def test_masks_and_variance():
     signal_e = (raw[10, 10] - bias[10, 10] - dark[10, 10]) * 0.78
     expected = (signal_e + 9.0) / 0.78**2 / flat[10, 10] ** 2
     assert abs(cal.variance[10, 10] / expected - 1) < 1e-4
+
+
+def test_cupy_gives_the_numpy_result():
+    import pytest
+
+    from gppy_stage.xp import gpu_available
+
+    if not gpu_available():
+        pytest.skip("no CuPy or no CUDA device here: the GPU path runs only where one exists")
+    import cupy
+
+    raw, bias, dark, flat = _images(seed=2)
+    kw = dict(dark_exptime=100.0, exptime=100.0, gain=0.78, rdnoise=3.0, saturation=65535)
+    cpu = calibrate(raw, bias=bias, dark=dark, flat=flat, **kw)
+    gpu = calibrate(cupy.asarray(raw), bias=cupy.asarray(bias), dark=cupy.asarray(dark), flat=cupy.asarray(flat),
+                    xp=cupy, **kw)
+    np.testing.assert_allclose(cupy.asnumpy(gpu.data), cpu.data, rtol=1e-6)
+    np.testing.assert_array_equal(cupy.asnumpy(gpu.mask), cpu.mask)
