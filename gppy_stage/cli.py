@@ -62,7 +62,7 @@ def night_run(
     obs: str = typer.Option(..., "--obs", help=OBS_HELP),
     night: Optional[str] = typer.Option(None, "--night", help=NIGHT_HELP),
     force: bool = typer.Option(False, "--force", help="Redo work whose outputs already exist."),
-    workers: int = typer.Option(0, "--workers", help="Worker processes (0: one per core)."),
+    workers: int = typer.Option(0, "--workers", help="Worker processes (0: one per core, as memory allows at 6 GB each)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the night report JSON here."),
 ):
     """Plan a night and run every stage on it; print a summary and write the night report."""
@@ -104,6 +104,9 @@ def _stage_command(stage: graph.Stage):
 
         root, obs, night, force = kwargs.pop("root"), kwargs.pop("obs"), kwargs.pop("night"), kwargs.pop("force")
         item = kwargs.pop(stage.fanout, None) if stage.item_arg else None
+        if stage.exit_handler and not night:
+            # the plan failed before choosing a night: report that, rather than guess another night
+            night = "unplanned"
         try:
             night = _night_or_latest(root, obs, night)
         except errors.GppyError as exc:
@@ -230,8 +233,12 @@ def library_list(
     """List the masters of a unit with their QA verdicts (the index the planner queries)."""
     from . import library
 
+    try:
+        index = {kind: library.index(root, obs, kind) for kind in library.KINDS}
+    except errors.GppyError as exc:
+        _fail(exc)
     for kind in library.KINDS:
-        for m in sorted(library.index(root, obs, kind), key=lambda m: m.mjd):
+        for m in sorted(index[kind], key=lambda m: m.mjd):
             extra = f"{m.exptime:g}s" if kind == "dark" and m.exptime is not None else (m.filter or "")
             typer.echo(f"{kind:<5} {m.mjd:12.5f} {extra:<8} {m.verdict:<5} {m.key}")
 

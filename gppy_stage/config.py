@@ -50,11 +50,19 @@ class Instrument:
     nx: int
     ny: int
     saturation: float  # ADU
+    # master-bias QA: clipped median range and largest clipped std (ADU); None where not set
+    bias_min: float | None = None
+    bias_max: float | None = None
+    bias_std_max: float | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         """Full-frame (rows, columns), as numpy orders them."""
         return (self.ny, self.nx)
+
+
+def _optional(text: str | None) -> float | None:
+    return float(text) if text not in (None, "") else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,12 +76,15 @@ def _instruments(folder: str) -> dict[str, Instrument]:
                     camera=row["camera"],
                     gain=float(row["gain"]),
                     rdnoise=float(row["rdnoise"]),
-                    dark=float(row["dark"]) if row["dark"] else None,
+                    dark=_optional(row["dark"]),
                     pixscale=float(row["pixscale"]),
                     fov_arcmin=float(row["fov_arcmin"]),
                     nx=int(row["nx"]),
                     ny=int(row["ny"]),
                     saturation=float(row["saturation"]),
+                    bias_min=_optional(row.get("bias_min")),
+                    bias_max=_optional(row.get("bias_max")),
+                    bias_std_max=_optional(row.get("bias_std_max")),
                 )
             except (KeyError, ValueError) as exc:
                 raise ConfigError(f"bad row {row!r}: {exc}", path=str(Path(folder) / "instruments.csv")) from exc

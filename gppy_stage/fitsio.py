@@ -7,7 +7,7 @@ chunks through a memory map so nine of them combine in bounded memory.
 from __future__ import annotations
 
 import contextlib
-import io
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -83,19 +83,20 @@ def open_raw(url: str) -> Iterator[RawFrame]:
             frame.close()
 
 
-def hdul_bytes(hdul: fits.HDUList) -> bytes:
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        # Long HIERARCH keys (ZP_APER_1...) leave little room for a comment; astropy shortens it,
-        # which loses nothing that matters and would otherwise warn in every stage's log.
-        warnings.filterwarnings("ignore", message="Card is too long, comment will be truncated")
-        hdul.writeto(buf, output_verify="fix")
-    return buf.getvalue()
-
-
 def put_hdul(url: str, hdul: fits.HDUList) -> None:
-    """Write a FITS product whole or not at all."""
-    storage.put_bytes(url, hdul_bytes(hdul))
+    """Write a FITS product whole or not at all.
+
+    Written to a temporary file first rather than to bytes in memory: a calibrated 61-Mpix frame
+    with its MASK and VARIANCE is 550 MB, which should not be held twice.
+    """
+    with tempfile.TemporaryDirectory(prefix="gppy-put-") as tmp:
+        path = Path(tmp) / "product.fits"
+        with warnings.catch_warnings():
+            # Long HIERARCH keys (ZP_APER_1...) leave little room for a comment; astropy shortens
+            # it, which loses nothing that matters and would otherwise warn in every stage's log.
+            warnings.filterwarnings("ignore", message="Card is too long, comment will be truncated")
+            hdul.writeto(path, output_verify="fix")
+        storage.put_file(path, url)
 
 
 def read_hdul(url: str) -> fits.HDUList:

@@ -69,6 +69,8 @@ def normalise(header: fits.Header, source: str = "") -> fits.Header:
     empty = {_norm(x) for x in rules.get("filter_empty", [])}
     for key, candidates in aliases.items():
         value = _first(header, candidates, skip=empty if key == "FILTER" else ())
+        if key == "EGAIN" and "EGAIN" not in header and not plausible_gain(value):
+            continue  # 7DT's GAIN is the camera setting (2750), not e-/ADU: the registry's gain serves
         if value is None:
             continue
         if key == "IMAGETYP":
@@ -86,6 +88,14 @@ def normalise(header: fits.Header, source: str = "") -> fits.Header:
         if key not in header or header[key] != value:
             out[key] = value
     return out
+
+
+def plausible_gain(value) -> bool:
+    """A GAIN that can be e-/ADU (other telescopes write it so), not a camera's gain setting."""
+    try:
+        return 0.0 < float(value) < 50.0
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from . import storage
+from . import log, storage
 from .config import settings
 
 KINDS = ("zero", "dark", "flat")
+_log = log.get("library")
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,11 @@ def index(root: str, unit: str, kind: str) -> list[Master]:
     for obj in storage.list_objects(prefix):
         if not obj.key.endswith(".fits.json"):
             continue
-        meta = json.loads(storage.get_bytes(obj.url))
         key = f"master_frame/{unit}/{kind}/{obj.key[: -len('.json')]}"
-        out.append(Master.from_sidecar(key, meta))
+        try:
+            out.append(Master.from_sidecar(key, json.loads(storage.get_bytes(obj.url))))
+        except (ValueError, KeyError, TypeError) as exc:  # one damaged entry must not hide the others
+            log.event(_log, "master library entry unreadable; skipped", level=30, entry=obj.url, reason=str(exc))
     return out
 
 

@@ -148,7 +148,7 @@ def processed_dir(field: str, unit: str, filt: str) -> str:
 
 
 def master_name(kind: str, unit: str, night_date: str, binning: int, gain: int | None,
-                exptime: float | None = None, filt: str | None = None) -> str:
+                exptime: float | None = None, filt: str | None = None, too: bool = False) -> str:
     """Master frame key relative to the root, e.g. ``master_frame/7DT01/dark/dark_7DT01_20250101_100s_1x1_gain2750.fits``."""
     day = night_date.replace("-", "")
     parts = [kind, unit, day]
@@ -159,6 +159,8 @@ def master_name(kind: str, unit: str, night_date: str, binning: int, gain: int |
     parts.append(f"{binning}x{binning}")
     if gain is not None:
         parts.append(f"gain{gain}")
+    if too:  # a ToO folder of the same date must not overwrite the regular night's masters
+        parts.append("ToO")
     return f"master_frame/{unit}/{kind}/{'_'.join(parts)}.fits"
 
 

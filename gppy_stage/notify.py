@@ -46,8 +46,12 @@ class Slack:
     @classmethod
     def from_env(cls, env=None, timeout: float = 10.0) -> "Slack":
         env = os.environ if env is None else env
-        return cls(webhook_url=env.get("SLACK_WEBHOOK_URL") or None, token=env.get("SLACK_BOT_TOKEN") or None,
-                   channel=env.get("SLACK_CHANNEL") or None,
+        def value(name: str) -> str | None:
+            # Kubernetes secrets made from files often end in a newline: it is not part of the secret
+            return (env.get(name) or "").strip() or None
+
+        return cls(webhook_url=value("SLACK_WEBHOOK_URL"), token=value("SLACK_BOT_TOKEN"),
+                   channel=value("SLACK_CHANNEL"),
                    api_url=(env.get("SLACK_API_URL") or DEFAULT_API).rstrip("/"), timeout=timeout)
 
     @property
@@ -99,9 +103,10 @@ class Slack:
         return {"sent": True, "mode": "bot", "channel": self.channel, "ts": answer.get("ts")}
 
     def _post(self, url: str, payload: dict, headers: dict, *, what: str) -> tuple[int, bytes]:
-        req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json; charset=utf-8", **headers})
         try:
+            # built inside the try: a malformed URL or token fails here, with the secret in its message
+            req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                         headers={"Content-Type": "application/json; charset=utf-8", **headers})
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as exc:
@@ -114,6 +119,8 @@ class Slack:
             if status == 429 or status >= 500:
                 raise RetriableError(message) from None
             raise ConfigError(message) from None
+        except ValueError:  # http.client.InvalidURL, a bad header value, an unknown URL type
+            raise ConfigError(f"slack {what}: the webhook URL or token is malformed (check the secret)") from None
         except (urllib.error.URLError, OSError) as exc:
             # the reason (connection refused, timeout) carries no URL; redact all the same
             reason = getattr(exc, "reason", exc)

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 from . import errors, graph, log
@@ -140,13 +141,15 @@ def run_night(root: str, unit: str, night: str | None = None, *, force: bool = F
 
     log.setup()
     night = night or latest_night(root, unit)
-    workers = workers or max(1, min(os.cpu_count() or 1, 8))
+    workers = workers or default_workers()
     report = NightReport(unit=unit, night=night, root=root)
     plan_record = execute("plan", root, unit, night, None, force)
     report.records.append(plan_record)
     if plan_record["status"] != "done":
         _exit_handlers(report, root, unit, night, force, "Failed")
-        raise errors.ConfigError(f"planning {unit} {night} failed: {plan_record['error']['reason']}")
+        failure = errors.GppyError(f"planning {unit} {night} failed: {plan_record['error']['reason']}")
+        failure.exit_code = plan_record["exit_code"]  # a retriable plan stays retriable for cron or Argo
+        raise failure
     ctx = Night(root=root, unit=unit, night=night)
     plan = ctx.plan()
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
@@ -161,11 +164,21 @@ def run_night(root: str, unit: str, night: str | None = None, *, force: bool = F
                     if bar:
                         bar.update(1)
             else:
-                futures = [pool.submit(_run_group, names, root, unit, night, item, force) for item in items]
+                futures = {pool.submit(_run_group, names, root, unit, night, item, force): item for item in items}
+                broken = False
                 for fut in as_completed(futures):
-                    report.records += fut.result()
+                    try:
+                        report.records += fut.result()
+                    except BrokenProcessPool as exc:
+                        # a worker was killed (out of memory, most likely): the items it took down fail
+                        # as retriable, the night goes on with a fresh pool
+                        report.records.append(_lost(names[0], unit, night, futures[fut], exc))
+                        broken = True
                     if bar:
                         bar.update(1)
+                if broken:
+                    pool.shutdown()
+                    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
             if bar:
                 bar.close()
         failed = any(r["status"] == "failed" for r in report.records)
@@ -181,6 +194,23 @@ def run_night(root: str, unit: str, night: str | None = None, *, force: bool = F
         result["report_md"] = ctx.url(ctx.run_prefix, "report.md")
     storage.put_bytes(ctx.url(ctx.run_prefix, "report.json"), json.dumps(result, indent=1, default=str).encode())
     return result
+
+
+def default_workers(gib_per_worker: float = 6.0) -> int:
+    """One worker per core, but no more than memory allows: a full-size 7DT frame's reduction
+    peaks near 5 GB, and a worker killed for memory costs its items."""
+    try:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        memory_gib = 8.0
+    return max(1, min(os.cpu_count() or 1, 8, int(memory_gib // gib_per_worker)))
+
+
+def _lost(stage: str, unit: str, night: str, item: str, exc: BaseException) -> dict:
+    return {"stage": stage, "item": item, "unit": unit, "night": night, "started": utcnow(), "status": "failed",
+            "exit_code": errors.RETRIABLE, "seconds": 0.0,
+            "error": {"kind": "retriable", "file": None,
+                      "reason": f"the worker running it died ({type(exc).__name__}); out of memory? try --workers 1"}}
 
 
 def _exit_handlers(report: NightReport, root: str, unit: str, night: str, force: bool, status: str) -> None:

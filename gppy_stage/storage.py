@@ -100,9 +100,13 @@ def _client():
 @functools.lru_cache(maxsize=1)
 def _retriable_types():
     from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+    from botocore.exceptions import EndpointConnectionError, HTTPClientError, IncompleteReadError, ReadTimeoutError
+    from s3transfer.exceptions import RetriesExceededError
 
-    return (BotoConnectionError, EndpointConnectionError, ReadTimeoutError, ConnectionError, TimeoutError)
+    # HTTPClientError covers a connection closed or a body cut mid-stream; s3transfer gives up
+    # with RetriesExceededError after its own retries: all are the network's, not the data's
+    return (BotoConnectionError, EndpointConnectionError, ReadTimeoutError, HTTPClientError, IncompleteReadError,
+            RetriesExceededError, ConnectionError, TimeoutError)
 
 
 def _s3_error(exc: Exception, url: str) -> Exception:

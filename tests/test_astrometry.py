@@ -84,6 +84,22 @@ def test_solve_field_fallback_on_a_wide_field_without_pointing():
     assert "no usable pointing" in " ".join(sol.notes)
 
 
+def test_blind_solution_is_refined_to_a_distortion_swarp_reads():
+    """With a reference at hand, solve-field's TAN-SIP solution is refined by SCAMP: what is stored
+    is a TPV/TAN solution (SWarp ignores SIP), as good as the truth."""
+    from astropy.table import Table
+
+    data, hdr, w = wide_field(TYCHO)
+    tyc = Table.read(TYCHO, format="ascii.csv")
+    ref = Table({"ra": tyc["ra"], "dec": tyc["dec"], "phot_g_mean_mag": tyc["mag_vt"]})
+    sol = A.solve(data, hdr, ref, pixscale=4.0, gain=1.0, saturation=65535, cpulimit=30)
+    off = A.offset_from_truth(sol.wcs, w, data.shape)
+    print(f"\nrefined: {sol.method} matched {sol.nmatch}, median offset {np.median(off):.3f}\"")
+    assert sol.method == "ASTROMETRY.NET+SCAMP"
+    assert "SIP" not in sol.wcs_header["CTYPE1"] and not any(k.startswith("A_") for k in sol.wcs_header)
+    assert np.median(off) < 1.0
+
+
 def test_unsolvable_frame_is_a_typed_error():
     rng = np.random.default_rng(0)
     data = rng.normal(100, 5, (300, 300)).astype(np.float32)

@@ -131,6 +131,23 @@ def test_failures_never_reveal_secrets(slack_server, gppy_logs, mode, error):
         assert "invalid_auth" in texts[0]
 
 
+def test_malformed_secrets_are_a_clear_error_that_never_shows_them(slack_server, gppy_logs):
+    url = _url(slack_server)
+    # a token with a newline inside (a header may not hold one), a webhook URL without a scheme
+    bot = Slack.from_env({"SLACK_BOT_TOKEN": TOKEN + "\nX", "SLACK_CHANNEL": "c", "SLACK_API_URL": url}, timeout=3)
+    hook = Slack.from_env({"SLACK_WEBHOOK_URL": "hooks.slack.example" + HOOK_PATH}, timeout=3)
+    texts = []
+    for client in (bot, hook):
+        with pytest.raises(ConfigError, match="malformed") as err:
+            client.send("x")
+        texts.append(str(err.value))
+    everything = " ".join(texts + gppy_logs)
+    assert TOKEN not in everything and "SECRETHOOKPATH" not in everything
+    # the newline a secret made from a file ends with is not part of the secret
+    trailing = Slack.from_env({"SLACK_BOT_TOKEN": TOKEN + "\n", "SLACK_CHANNEL": "c", "SLACK_API_URL": url})
+    assert trailing.send("ok")["sent"] and slack_server.requests[-1]["auth"] == f"Bearer {TOKEN}"
+
+
 def test_without_configuration_it_logs(gppy_logs):
     out = Slack.from_env({}).send("would be sent")
     assert out["sent"] is False and any("would be sent" in line for line in gppy_logs)

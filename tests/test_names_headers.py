@@ -117,3 +117,11 @@ def test_real_headers_normalise(real_dir):
     assert nflat["IMAGETYP"] == "FLAT" and nflat["FILTER"] == "g"  # FASU wheel "g'_SDSS 480_145"
     apogee = normalise(fits.getheader(real_dir / "apogee_alta_light_B_sipwcs.fit"))
     assert apogee["IMAGETYP"] == "LIGHT" and apogee["FILTER"] == "B"
+
+
+def test_camera_gain_setting_is_never_taken_for_e_per_adu():
+    # 7DT: GAIN is the camera's setting (2750); EGAIN is e-/ADU
+    h = normalise(fits.Header({"GAIN": 2750}))
+    assert "EGAIN" not in h
+    assert normalise(fits.Header({"GAIN": 2750, "EGAIN": 0.78}))["EGAIN"] == 0.78
+    assert normalise(fits.Header({"GAIN": 1.9}))["EGAIN"] == 1.9  # SAAO writes e-/ADU as GAIN

@@ -217,8 +217,11 @@ def test_latest_night_is_the_newest_finished_one(tmp_path):
 
     from gppy_stage.stages.plan import latest_night
 
-    for name in ("2025-01-01_gain2750", "2025-01-03_ToO_gain2750", "2025-01-02_gain2750", "notes"):
+    for name in ("2025-01-01_gain2750", "2025-01-03_ToO_gain2750", "2025-01-02_gain2750", "notes",
+                 "2025-01-04_gain2750_test"):
         (tmp_path / "obsdata" / UNIT / name).mkdir(parents=True)
     assert latest_night(str(tmp_path), UNIT, now=datetime(2025, 1, 10)) == "2025-01-03_ToO_gain2750"
+    (tmp_path / "obsdata" / UNIT / "2025-01-03_gain2750").mkdir()
+    assert latest_night(str(tmp_path), UNIT, now=datetime(2025, 1, 10)) == "2025-01-03_gain2750"  # not the ToO
     # at 2025-01-04 05:00 UTC the night of 2025-01-03 is still in progress
     assert latest_night(str(tmp_path), UNIT, now=datetime(2025, 1, 4, 5)) == "2025-01-02_gain2750"

@@ -212,7 +212,9 @@ def _action(decisions, night):
 
 
 TODAY = time.strftime("%Y-%m-%d", time.gmtime())
-NIGHT = f"{TODAY}_gain2750"
+# a regular night is only taken once it is over: two days ago always is
+DONE = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 2 * 86400))
+NIGHT = f"{DONE}_gain2750"
 
 
 # --- the watcher -----------------------------------------------------------------------------
@@ -300,12 +302,15 @@ def test_submission_is_idempotent_at_the_api(kube):
 
 
 def test_too_test_and_stray_folders(bucket, kube):
-    too, test, old = f"{TODAY}_ToO_gain2750", f"{TODAY}_gain2750_test", "2001-01-01_gain2750"
-    for night in (too, test, old, "not-a-night"):
+    too, test, old = f"{TODAY}_ToO_gain2750", f"{DONE}_gain2750_test", "2001-01-01_gain2750"
+    tonight = f"{TODAY}_gain2750"
+    for night in (too, test, old, "not-a-night", tonight):
         put_raw(bucket, "7DT03", night, 2)
     _poll(bucket, kube)
     d = _poll(bucket, kube)
     assert _action(d, too) == ["submitted"] and _action(d, test) == ["skipped-test"]
+    # tonight's regular folder is stable but the night is not over (clouds, not dawn): it waits
+    assert _action(d, tonight) == ["in-progress"] and watcher.workflow_name("7DT03", tonight) not in kube.names()
     assert _action(d, old) == [] and _action(d, "not-a-night") == []  # beyond the lookback; not a night
     wf = kube.objects[("gppy", watcher.workflow_name("7DT03", too))]
     assert wf["spec"]["priority"] == workflow.WORKFLOW_PRIORITY_TOO

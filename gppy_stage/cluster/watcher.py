@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta, timezone
 
 from .. import log, storage
-from ..errors import BadInputError, ConfigError, RetriableError
-from ..names import NightName, parse_night
+from ..errors import ConfigError, GppyError, RetriableError
+from ..names import NightName, night_date_of
 from . import workflow
 
 STATE_KEY = "runs/_watcher/state.json"
 MARKER_PREFIX = "runs/_watcher/submitted"
-SLACK_ENV = "GPPY_SLACK_WEBHOOK_URL"
+SLACK_ENV = "SLACK_WEBHOOK_URL"  # what gppy_stage.notify reads
 _log = log.get("watcher")
 
 
@@ -104,24 +103,14 @@ def submit(api, namespace: str, body: dict) -> str:
 
 
 def notify(text: str) -> bool:
-    """Post to the Slack webhook in ``$GPPY_SLACK_WEBHOOK_URL``; without one, log what would go.
-
-    The webhook URL is the secret (its path is the token), so it is never logged, not even on failure.
-    """
-    url = os.environ.get(SLACK_ENV, "").strip()
-    if not url:
-        log.event(_log, "slack not configured; would send", text=text)
-        return False
-    import requests
+    """Tell Slack through the one Slack client (``SLACK_WEBHOOK_URL``, or a bot token); without
+    settings it logs what it would send. A Slack outage never stops the watcher."""
+    from ..notify import Slack
 
     try:
-        r = requests.post(url, json={"text": text}, timeout=10)
-        ok = 200 <= r.status_code < 300
-        if not ok:
-            log.event(_log, "slack refused the message", level=30, status=r.status_code)
-        return ok
-    except requests.RequestException as exc:
-        log.event(_log, "slack unreachable", level=30, error=type(exc).__name__)
+        return Slack.from_env().send(text)["sent"]
+    except GppyError as exc:  # the message names no secret (notify.Slack redacts them)
+        log.event(_log, "slack message not sent", level=30, reason=exc.reason)
         return False
 
 
@@ -174,17 +163,9 @@ def marker_url(root: str, unit: str, night: str) -> str:
 def candidate_nights(root: str, unit: str, since: date | None = None,
                      until: date | None = None) -> list[NightName]:
     """Night folders of a unit (regular, ToO, test...) with dates in [since, until], oldest first."""
-    out = []
-    for folder in storage.list_prefixes(storage.join(root, "obsdata", unit)):
-        try:
-            night = parse_night(folder)
-        except BadInputError:
-            log.event(_log, "not a night folder; ignored", unit=unit, folder=folder)
-            continue
-        if (since and night.day < since) or (until and night.day > until):
-            continue
-        out.append(night)
-    return sorted(out, key=lambda n: (n.date, n.folder))
+    from ..stages.plan import night_folders
+
+    return [n for n in night_folders(root, unit) if not ((since and n.day < since) or (until and n.day > until))]
 
 
 def observe(root: str, unit: str, night: str, now: float) -> Observation:
@@ -215,6 +196,11 @@ def poll(root: str, units: list[str], api, *, namespace: str = workflow.NAMESPAC
                 decisions.append(Decision(unit, night.folder, "skipped-test"))
                 continue
             if storage.exists(marker_url(root, unit, night.folder)):
+                continue
+            if not night.too and night.date >= night_date_of(datetime.fromtimestamp(now, timezone.utc).replace(tzinfo=None)):
+                # a quiet folder mid-night is clouds, not the end: regular nights wait for the night to
+                # be over (noon UTC after it); ToO nights go as soon as they stop growing
+                decisions.append(Decision(unit, night.folder, "in-progress"))
                 continue
             cur = observe(root, unit, night.folder, now)
             seen[key] = asdict(cur)

@@ -38,7 +38,7 @@ class Solution:
     """A solved WCS (header cards only) and how it was obtained."""
 
     wcs_header: fits.Header
-    method: str  # 'SCAMP' or 'ASTROMETRY.NET'
+    method: str  # 'SCAMP', 'ASTROMETRY.NET' (SIP) or 'ASTROMETRY.NET+SCAMP'
     nmatch: int
     rms1_arcsec: float
     rms2_arcsec: float
@@ -262,18 +262,42 @@ def solve(
     if not allow_blind:
         raise AstrometryError("; ".join(notes) or "not solved")
     try:
-        wcs_head = solve_blind(cat, shape, pixscale, center=None, cpulimit=cpulimit)
+        wcs_head = solve_blind(cat, shape, pixscale, center=center, radius_deg=2.0 if center is not None else None,
+                               cpulimit=cpulimit)
     except (ToolError, AstrometryError) as exc:
         notes.append(f"solve-field failed: {exc.reason}")
         raise AstrometryError("; ".join(notes)) from None
     prov["ANVER"] = wcs_head.get("ANVER")
     nmatch_an = int(wcs_head.get("ANMATCH", 0))
     if reference is not None and len(reference):
+        # solve-field's SIP distortion is not read by SWarp: refine with SCAMP from its linear part,
+        # so that every stored solution is TPV and stacks resample correctly
+        try:
+            first = _linear_part(wcs_head)
+            refined, stats, meta = solve_scamp(cat, header, first, reference, shape, band=band,
+                                               position_maxerr_arcmin=1.0, options=scamp_options)
+            q = quality(cat, _wcs_of(refined), reference)
+            if q["nmatch"] >= min_match and q["median_offset_arcsec"] < max_offset_arcsec:
+                prov.update(meta)
+                return Solution(refined, "ASTROMETRY.NET+SCAMP", int(stats["nmatch"]) or q["nmatch"],
+                                stats["rms1_arcsec"], stats["rms2_arcsec"], q["median_offset_arcsec"], n_det,
+                                notes, prov)
+            notes.append(f"SCAMP refinement rejected: {q['nmatch']} matches")
+        except (ToolError, AstrometryError) as exc:
+            notes.append(f"SCAMP refinement failed: {exc.reason}")
         q = quality(cat, _wcs_of(wcs_head), reference)
         if q["nmatch"] >= min_match:
             return Solution(wcs_head, "ASTROMETRY.NET", q["nmatch"], q["rms1_arcsec"], q["rms2_arcsec"],
                             q["median_offset_arcsec"], n_det, notes, prov)
     return Solution(wcs_head, "ASTROMETRY.NET", nmatch_an, np.nan, np.nan, np.nan, n_det, notes, prov)
+
+
+def _linear_part(wcs_head: fits.Header) -> fits.Header:
+    """The TAN part of a TAN-SIP solution, as a first guess for SCAMP."""
+    w = _wcs_of(wcs_head).deepcopy()
+    w.sip = None
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    return w.to_header()
 
 
 # ----------------------------------------------------------------------------- header

@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import subprocess
 import tempfile
+from pathlib import Path
 
 import numpy
 
 from gppy_stage.errors import BadInputError, ToolError, ToolMissingError
+from gppy_stage.tools import astromatic
 
 SIGMA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
@@ -120,9 +121,10 @@ def subtract_hotpants(new, ref, *, new_var=None, ref_var=None, new_mask=None, re
 
             raise ConfigError(f"unknown hotpants settings: {sorted(settings)}")
         args[0] = exe
-        proc = subprocess.run(args, cwd=tmp, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0 or not os.path.exists(p["diff"]):
-            raise ToolError(f"hotpants failed (exit {proc.returncode}): {proc.stderr.strip()[-4000:]}")
+        # the one runner of external programs: a timeout or a failure is a ToolError with stderr
+        proc = astromatic.run_tool("hotpants", args[1:], Path(tmp), timeout=timeout)
+        if not os.path.exists(p["diff"]):
+            raise ToolError(f"hotpants wrote no difference image: {proc.stderr.strip()[-4000:]}")
         with fits.open(p["diff"]) as h:
             diff = h[0].data.astype(numpy.float64)
             hdr = h[0].header

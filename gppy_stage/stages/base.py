@@ -76,6 +76,12 @@ def input_hash(stage: str, inputs: list[dict] | list[str], settings: Any) -> str
     return settings_hash({"stage": stage, "inputs": inputs, "settings": settings})
 
 
+def product_identity(ctx: Night, key: str) -> dict:
+    """What a product used as an input contributes to a hash: its key and the hash it was made
+    from, so that a master remade under the same name makes everything after it redo."""
+    return {"key": key, "hash": (read_sidecar(ctx.url(key)) or {}).get("hash")}
+
+
 def sidecar_url(product_url: str) -> str:
     return product_url + ".json"
 

@@ -22,15 +22,22 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from .. import log, storage
+from .. import config, log, storage
 from ..errors import BadInputError
 from ..fitsio import read_hdul
+from ..science.astrometry import observation_time
 from ..science.detect import FLAG_BITS, detect_candidates
 from ..science.stamps import candidate_stamps, region_text
 from ..tools import swarp as sw
 from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
 from .stack import load_frame, scaled_input, settings, stem
-from .subtract import NO_REFERENCE, choose_engine, find_reference, product_keys, run_subtraction
+from .subtract import (
+    NO_REFERENCE,
+    choose_engine,
+    find_reference,
+    product_keys,
+    run_subtraction,
+)
 
 _log = log.get("detect")
 
@@ -40,19 +47,19 @@ def candidate_keys(stack_key: str) -> dict[str, str]:
     return {"table": f"{s}.cand.ecsv", "regions": f"{s}.cand.reg", "stamps": f"{s}.stamps"}
 
 
-def reference_catalogue(root: str, field: str) -> Table | None:
-    """ra/dec of the field's reference catalogue (None when storage has none)."""
-    url = storage.join(root, "ref_cat", f"gaiaxp_dr3_synphot_{field}.csv")
+def reference_catalogue(root: str, field: str, when) -> Table | None:
+    """ra/dec of the field's reference catalogue at the observation epoch (None when storage has
+    none): read as every stage reads it, so column maps and proper motions apply here too."""
+    from ..science import refcat
+    from .astrometry import refcat_key
+
+    url = storage.join(root, refcat_key(field))
     if not storage.exists(url):
         return None
-    try:
-        t = Table.read(io.BytesIO(storage.get_bytes(url)), format="ascii.csv")
-    except Exception as exc:  # astropy raises a zoo of types for a malformed CSV
-        raise BadInputError(f"cannot read the reference catalogue ({type(exc).__name__}: {exc})", path=url) from None
-    if "ra" not in t.colnames or "dec" not in t.colnames:
-        raise BadInputError("reference catalogue has no ra/dec columns", path=url)
-    t = t[np.isfinite(np.asarray(t["ra"], float)) & np.isfinite(np.asarray(t["dec"], float))]
-    return Table({"ra": np.asarray(t["ra"], float), "dec": np.asarray(t["dec"], float)})
+    table = refcat.read_refcat(storage.get_bytes(url), name=refcat.refcat_name(field))
+    if when is not None:
+        table = refcat.at_epoch(table, when)
+    return Table({"ra": np.asarray(table["ra"], float), "dec": np.asarray(table["dec"], float)})
 
 
 def passing(table: Table, min_score: float, pass_flags: int) -> np.ndarray:
@@ -125,8 +132,9 @@ def run(ctx: Night, stack: str) -> dict:
     ref = np.asarray(read_hdul(ctx.url(keys["ref"]))[0].data, np.float32)
     wcs = WCS(header)
     zp = float(header.get("ZP", 0.0))
-    fwhm = float(header.get("FWHM") or 0) or float(stack_header.get("SEEINGIN", 2.5)) / 0.505
-    refcat = reference_catalogue(ctx.root, entry["field"])
+    pixscale = config.instrument(ctx.unit).pixscale
+    fwhm = float(header.get("FWHM") or 0) or float(stack_header.get("SEEINGIN", 2.5)) / pixscale
+    refcat = reference_catalogue(ctx.root, entry["field"], observation_time(stack_header))
     frame_diffs, notes = None, []
     if cfg.get("moving", "frame_diffs") == "frame_diffs" and len(stack_meta.get("frames", [])) >= 2:
         sub_cfg = settings("subtract")
@@ -146,6 +154,8 @@ def run(ctx: Night, stack: str) -> dict:
     t.write(buf, format="ascii.ecsv")
     stamps = candidate_stamps(new, ref, diff, t[ok], half=int(cfg["stamp_half"]), noise=noise,
                               max_stamps=int(cfg["max_stamps"]))
+    for old in storage.list_objects(ctx.url(ckeys["stamps"])):  # a re-run may pass other candidates
+        storage.delete(old.url)
     for cid, png in stamps.items():
         storage.put_bytes(ctx.url(ckeys["stamps"], f"cand_{cid:04d}.png"), png)
     storage.put_bytes(ctx.url(ckeys["regions"]), region_text(t, good_score=float(cfg["min_score"])).encode())

@@ -8,6 +8,7 @@ sidecar that is its entry in the master library.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Callable
 
 import numpy as np
@@ -19,7 +20,7 @@ from ..errors import BadInputError
 from ..fitsio import RawFrame, open_raw, put_hdul, read_hdul
 from ..science.combine import clipped_stats, sigma_clipped_median
 from ..xp import device_name, get_xp, to_numpy
-from .base import Night, Timer, input_hash, is_done, write_sidecar
+from .base import Night, Timer, input_hash, is_done, product_identity, write_sidecar
 
 _log = log.get("masters")
 
@@ -78,16 +79,15 @@ def _header(kind: str, calset: dict, inputs: list[str], frames: list[RawFrame], 
     return h
 
 
-def _qa(kind: str, image: np.ndarray, levels: list[float] | None = None) -> dict:
+def _qa(kind: str, image: np.ndarray, reg: config.Instrument, levels: list[float] | None = None) -> dict:
     cfg = config.settings("masters")["qa"]
     med, std = clipped_stats(image)
     qa = {"clipped_median": round(med, 4), "clipped_std": round(std, 4), "verdict": "good", "reasons": []}
     if kind == "zero":
-        lo, hi = cfg["bias_median"]
-        if not lo <= med <= hi:
-            qa["reasons"].append(f"median {med:.1f} ADU outside {lo}-{hi}")
-        if std > cfg["bias_std_max"]:
-            qa["reasons"].append(f"std {std:.2f} ADU above {cfg['bias_std_max']}")
+        if reg.bias_min is not None and reg.bias_max is not None and not reg.bias_min <= med <= reg.bias_max:
+            qa["reasons"].append(f"median {med:.2f} ADU outside {reg.bias_min:g}-{reg.bias_max:g}")
+        if reg.bias_std_max is not None and std > reg.bias_std_max:
+            qa["reasons"].append(f"std {std:.2f} ADU above {reg.bias_std_max:g}")
     if kind == "flat" and levels:
         bad = [lv for lv in levels if not cfg["flat_median_min_adu"] <= lv <= cfg["flat_median_max_adu"]]
         if bad:
@@ -129,11 +129,13 @@ class _Masters:
             support["zero"] = zero[0]
         if kind == "flat":
             dark = self._support("dark", exptime=None)
-            if dark is not None:
+            if dark is not None and dark[1]:  # a dark without an exposure time cannot be scaled
                 support["dark"], support["dark_exptime"] = dark
         inputs = [{"key": k, "size": self.sizes.get(k)} for k in entry["frames"]]
-        settings = {k: self.cfg[k] for k in ("sigma", "iterations")} | {"qa": self.cfg["qa"]}
-        work = input_hash(f"masters/{kind}", inputs + [support], settings)
+        used = [product_identity(ctx, support[k]) for k in ("zero", "dark") if k in support]
+        settings = {k: self.cfg[k] for k in ("sigma", "iterations")} | {"qa": self.cfg["qa"]} | \
+            {"instrument": dataclasses.asdict(config.instrument(cs["unit"]))}
+        work = input_hash(f"masters/{kind}", inputs + [support] + used, settings)
         url = ctx.url(output)
         if is_done(url, work, ctx.force):
             log.event(_log, "already made from the same inputs and settings", master=output)
@@ -172,7 +174,7 @@ class _Masters:
                 extra["NHOTPIX"] = (hot, "pixels above the hot dark-rate threshold")
             if kind == "zero":
                 extra["EXPTIME"] = 0.0
-            qa = _qa(kind, image, levels)
+            qa = _qa(kind, image, config.instrument(cs["unit"]), levels)
             for name, key in (("zero", "MASTBIAS"), ("dark", "MASTDARK")):
                 if name in support:
                     extra[key] = storage.basename(support[name])

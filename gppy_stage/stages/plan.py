@@ -30,24 +30,30 @@ from pathlib import Path
 from astropy.io import fits
 
 from .. import __version__, config, library, log, storage
-from ..errors import BadInputError, ConfigError, GppyError
+from ..errors import BadInputError, ConfigError, GppyError, RetriableError
 from ..headers import BLOCK, FrameInfo, frame_info, header_from_head_text
-from ..names import (calib_name, master_name, night_date_of, parse_night, processed_dir, stack_name,
+from ..names import (NightName, calib_name, master_name, night_date_of, parse_night, processed_dir, stack_name,
                      strip_fits_suffix)
 from .base import PLAN_SCHEMA, Night, utcnow
 
 _log = log.get("plan")
 
 
-def list_nights(root: str, unit: str) -> list[str]:
-    """Night folders of a unit, oldest first (folders that are not night names are ignored)."""
+def night_folders(root: str, unit: str) -> list[NightName]:
+    """Every night folder of a unit (regular, ToO, test), oldest first; on one date a ToO folder
+    sorts before the regular night. Folders that are not night names are ignored."""
     nights = []
     for name in storage.list_prefixes(storage.join(root, "obsdata", unit)):
         try:
-            nights.append((parse_night(name).date, name))
+            nights.append(parse_night(name))
         except BadInputError:
-            continue
-    return [name for _, name in sorted(nights)]
+            log.event(_log, "not a night folder; ignored", unit=unit, folder=name)
+    return sorted(nights, key=lambda n: (n.date, 0 if n.too else 1, n.folder))
+
+
+def list_nights(root: str, unit: str, include_test: bool = False) -> list[str]:
+    """Night folder names of a unit, oldest first (test folders only when asked for)."""
+    return [n.folder for n in night_folders(root, unit) if include_test or not n.test]
 
 
 def latest_night(root: str, unit: str, now: datetime | None = None) -> str:
@@ -126,8 +132,13 @@ def make_plan(root: str, unit: str, night: str) -> dict:
         if strip_fits_suffix(obj.key) is None:
             continue
         try:
-            hdr = _read_header(obj, by_key)
-            info = frame_info(hdr, obj.url, obj.size)
+            try:
+                hdr = _read_header(obj, by_key)
+                info = frame_info(hdr, obj.url, obj.size)
+            except (ValueError, TypeError, KeyError) as exc:  # a header value that cannot be what it says
+                raise BadInputError(f"unreadable header ({type(exc).__name__}: {exc})", path=obj.url) from None
+        except RetriableError:
+            raise  # the store hiccuped: the plan is retried, the frame is not lost
         except GppyError as exc:
             record = {**exc.as_record(), "file": f"{raw_prefix}/{obj.key}", "stage": "plan"}
             quarantine.append(record)
@@ -153,14 +164,14 @@ def make_plan(root: str, unit: str, night: str) -> dict:
             groups[(info.binning, info.gain, info.camera)].append(info)
     calsets = []
     for (binning, gain, camera), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        cid = _calset_id(unit, night_info.date, binning, gain, camera)
+        cid = _calset_id(unit, night_info.date + ("_ToO" if night_info.too else ""), binning, gain, camera)
         mjd = sum(m.mjd for m in members) / len(members)
         calset = {"id": cid, "unit": unit, "night": night, "binning": binning, "gain": gain, "camera": camera,
                   "mjd": mjd, "zero": None, "darks": [], "flats": []}
         biases = sorted((m for m in members if m.imagetyp == "BIAS"), key=lambda m: m.mjd)
         if len(biases) >= min_frames:
             calset["zero"] = {"frames": [key_of(m) for m in biases],
-                              "output": master_name("zero", unit, night_info.date, binning, gain)}
+                              "output": master_name("zero", unit, night_info.date, binning, gain, too=night_info.too)}
         elif biases:
             warnings.append(f"{len(biases)} bias frames (< {min_frames}): no master bias tonight")
         darks = defaultdict(list)
@@ -170,7 +181,7 @@ def make_plan(root: str, unit: str, night: str) -> dict:
         for exptime, ds in sorted(darks.items()):
             if len(ds) >= min_frames:
                 calset["darks"].append({"exptime": exptime, "frames": [key_of(m) for m in sorted(ds, key=lambda m: m.mjd)],
-                                        "output": master_name("dark", unit, night_info.date, binning, gain, exptime=exptime)})
+                                        "output": master_name("dark", unit, night_info.date, binning, gain, exptime=exptime, too=night_info.too)})
             else:
                 warnings.append(f"{len(ds)} darks of {exptime:g} s (< {min_frames}): no master dark for it tonight")
         flats = defaultdict(list)
@@ -180,7 +191,7 @@ def make_plan(root: str, unit: str, night: str) -> dict:
         for filt, fs in sorted(flats.items(), key=lambda kv: str(kv[0])):
             if len(fs) >= min_frames:
                 calset["flats"].append({"filter": filt, "frames": [key_of(m) for m in sorted(fs, key=lambda m: m.mjd)],
-                                        "output": master_name("flat", unit, night_info.date, binning, gain, filt=filt)})
+                                        "output": master_name("flat", unit, night_info.date, binning, gain, filt=filt, too=night_info.too)})
             else:
                 warnings.append(f"{len(fs)} flats in {filt} (< {min_frames}): no master flat for it tonight")
         if calset["zero"] or calset["darks"] or calset["flats"]:

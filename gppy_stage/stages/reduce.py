@@ -6,6 +6,8 @@ used, versions, the hash of inputs and settings); cosmic rays are cleaned and fl
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from astropy.io import fits
 
@@ -15,7 +17,7 @@ from ..fitsio import open_raw, put_hdul, read_hdul
 from ..headers import normalise
 from ..science.reduce import MASK_BITS, calibrate, overscan_level, parse_section, remove_cosmic_rays
 from ..xp import device_name, get_xp, to_numpy
-from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
+from .base import Night, Timer, input_hash, is_done, product_identity, read_sidecar, write_sidecar
 
 _log = log.get("reduce")
 
@@ -63,7 +65,10 @@ def run(ctx: Night, frame: str) -> dict:
     cfg = config.settings("reduce")
     output_url = ctx.url(entry["output"])
     raw_url = ctx.url(entry["raw"])
-    work = input_hash("reduce", [entry["raw"], masters], cfg)
+    # the masters' own hashes and the instrument's numbers are inputs too: a master remade under
+    # the same name, or a corrected gain, makes the frame redo
+    work = input_hash("reduce", [entry["raw"], [product_identity(ctx, k) for k in masters.values()]],
+                      cfg | {"instrument": dataclasses.asdict(reg)})
     if is_done(output_url, work, ctx.force):
         log.event(_log, "already reduced from the same inputs and settings", frame=frame)
         return {"frame": frame, "output": entry["output"], "skipped": True}
@@ -86,6 +91,7 @@ def run(ctx: Night, frame: str) -> dict:
         bad_flat=(cfg["bad_flat_low"], cfg["bad_flat_high"]), hot_dark_rate=cfg["hot_dark_rate"], xp=xp,
     )
     data, variance, mask = to_numpy(cal.data), to_numpy(cal.variance), to_numpy(cal.mask)
+    del cal, pixels, bias, dark, flat  # 61-Mpix frames: keep only what is written
     ncr = 0
     if cfg["cosmic_rays"]["enabled"]:
         cr = cfg["cosmic_rays"]
@@ -146,7 +152,10 @@ def reduce_file(url: str, out_url: str, obs: str | None = None, cosmic_rays: boo
     cal = calibrate(pixels - (bias_level or 0.0), gain=gain, rdnoise=rdnoise, saturation=saturation - (bias_level or 0.0))
     data, mask = cal.data, cal.mask
     if "TRIMSEC" in header:
-        rows, cols = parse_section(header["TRIMSEC"])
+        try:
+            rows, cols = parse_section(header["TRIMSEC"])
+        except (ValueError, IndexError):
+            raise BadInputError(f"TRIMSEC {header['TRIMSEC']!r} is not a section of this image", path=url) from None
         data, mask, variance = data[rows, cols], mask[rows, cols], cal.variance[rows, cols]
     else:
         variance = cal.variance

@@ -100,6 +100,8 @@ def load_frame(ctx: Night, frame: dict, cfg: dict) -> tuple[sw.SwarpInput, sk.Fr
         variance = np.asarray(hdul["VARIANCE"].data, np.float32) if "VARIANCE" in names else None
     if not has_celestial_wcs(header):
         return "no WCS (astrometry failed or not run)"
+    if str(header.get("CTYPE1", "")).endswith("-SIP"):
+        return "SIP distortion (solve-field without SCAMP refinement): SWarp cannot apply it"
     zp, zp_key = zero_point(header, cfg["zp_keys"])
     if zp is None:
         return f"no zero point (none of {', '.join(cfg['zp_keys'])} in the header)"
@@ -129,10 +131,11 @@ def scaled_input(item: sw.SwarpInput, info: sk.FrameForStack, common_zp: float) 
     return sw.SwarpInput(data=item.data, header=h, weight=item.weight)
 
 
-def _identity(header: fits.Header, key: str) -> dict:
-    """What makes a frame's contribution: its key, its data hash and its solution and zero point."""
-    return {"key": key, "made": header.get("GPHASH"), "zp": [header.get(k) for k in ("ZP_AUTO", "ZP_APER_1", "ZP")],
-            "wcs": [header.get(k) for k in ("CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2", "CD1_1", "CD1_2", "CD2_1", "CD2_2")]}
+def _identity(header: fits.Header, key: str, zp: float) -> dict:
+    """What makes a frame's contribution: its key, and the hashes its reduction, astrometry and
+    photometry recorded (each covers what it was made from), and the zero point it is scaled by."""
+    return {"key": key, "made": header.get("GPHASH"), "astr": header.get("ASTRHASH"),
+            "phot": header.get("PHOTHASH"), "zp": zp}
 
 
 def product(image: np.ndarray, weight: np.ndarray, header: fits.Header) -> fits.HDUList:
@@ -163,7 +166,7 @@ def run(ctx: Night, stack: str) -> dict:
     if not loaded:
         reasons = "; ".join(f"{n['frame']}: {n['reason']}" for n in left_out)
         raise BadInputError(f"stack {stack} has no usable frame ({reasons})", path=output_url)
-    work = input_hash("stack", [_identity(item.header, frames[info.id]["output"]) for item, info, _ in loaded],
+    work = input_hash("stack", [_identity(item.header, frames[info.id]["output"], info.zp) for item, info, _ in loaded],
                       {"cfg": cfg, "swarp": config.file_hash(config.config_dir() / sw.CONFIG)})
     result = {"stack": stack, "output": entry["output"], "weight": weight_key(entry["output"]),
               "frames": [info.id for _, info, _ in loaded], "left_out": left_out}

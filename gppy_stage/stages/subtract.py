@@ -28,6 +28,7 @@ from astropy.io import fits
 from .. import __version__, log, storage
 from ..errors import BadInputError, ConfigError
 from ..fitsio import put_hdul, read_hdul
+from ..headers import plausible_gain
 from ..science.subtract import subtract as subtract_images
 from ..tools import swarp as sw
 from ..xp import device_name, get_xp
@@ -74,16 +75,18 @@ def choose_engine(cfg: dict) -> str:
 
 
 def reference_variance(ref: np.ndarray, header: fits.Header) -> np.ndarray | None:
-    """Poisson + sky variance of a sky-subtracted reference from its GAIN and SKYVAL (None when the
-    header does not say: the engine then measures a flat one from the sky scatter)."""
-    gain, sky = header.get("GAIN"), header.get("SKYVAL")
-    try:
-        gain, sky = float(gain), float(sky)
-    except (TypeError, ValueError):
+    """Variance of a (sky-subtracted) reference: the sky's, measured from the image itself, plus
+    the sources' Poisson noise from its gain in e-/ADU (EGAIN; GAIN only where it can be e-/ADU,
+    since 7DT's GAIN is the camera setting 2750). None without a usable gain: the engine then
+    measures a flat variance from the sky scatter."""
+    gain = next((float(header[k]) for k in ("EGAIN", "GAIN") if plausible_gain(header.get(k))), None)
+    finite = ref[np.isfinite(ref)]
+    if gain is None or finite.size < 100:
         return None
-    if not (gain > 0 and math.isfinite(gain) and math.isfinite(sky)):
-        return None
-    var = (np.clip(ref, 0, None) + max(sky, 0.0)) / gain
+    sample = finite[:: max(1, finite.size // 1_000_000)]
+    sky = float(np.median(sample))
+    sky_var = float((1.4826 * np.median(np.abs(sample - sky))) ** 2)
+    var = sky_var + np.clip(ref - sky, 0, None) / gain
     return np.where(var > 0, var, np.nan).astype(np.float32)
 
 
@@ -156,9 +159,10 @@ def run(ctx: Night, stack: str) -> dict:
     engine = choose_engine(cfg)
     stack_meta = read_sidecar(stack_url) or {}
     ref_info = storage.list_objects(ctx.url(ref_key).rsplit("/", 1)[0], recursive=False)
-    ref_size = next((o.size for o in ref_info if o.key == storage.basename(ref_key)), None)
+    # a FITS file replaced by another of the same shape has the same size: its time tells them apart
+    ref_id = next(({"size": o.size, "mtime": o.mtime} for o in ref_info if o.key == storage.basename(ref_key)), None)
     work = input_hash("subtract", [{"stack": entry["output"], "hash": stack_meta.get("hash")},
-                                   {"ref": ref_key, "size": ref_size}], {"cfg": cfg, "engine": engine})
+                                   {"ref": ref_key, **(ref_id or {})}], {"cfg": cfg, "engine": engine})
     diff_url = ctx.url(keys["diff"])
     if is_done(diff_url, work, ctx.force):
         log.event(_log, "already subtracted from the same inputs and settings", stack=stack)
@@ -181,9 +185,12 @@ def run(ctx: Night, stack: str) -> dict:
                                   settings_=cfg.get("settings") or {}, new_saturation=header.get("SATURATE"))
     info = res.kernel_info
     flux_scale = float(info.get("flux_scale", 1.0))
-    zp_ref_scaled = zp_new if (zp_new is not None and zp_ref is not None) else zp_ref
-    # the difference is in the reference's scale: a source of F new-ADU has F/flux_scale there
-    zp_diff = (zp_new - 2.5 * math.log10(flux_scale)) if zp_new is not None else zp_ref_scaled
+    # The difference is in the (scaled) reference's photometric scale, so its zero point comes from
+    # the reference's, which a deep reference knows better than the stack knows its own: the
+    # kernel's flux ratio then measures the stack's zero-point error rather than adding it.
+    zp_ref_scaled = zp_ref + 2.5 * math.log10(scale) if zp_ref is not None else None
+    zp_diff = zp_ref_scaled if zp_ref_scaled is not None else (
+        zp_new - 2.5 * math.log10(flux_scale) if zp_new is not None else None)
     fwhm = max(float(info.get("fwhm_new", 0) or 0), float(info.get("fwhm_ref", 0) or 0)) or None
 
     from astropy.wcs import WCS

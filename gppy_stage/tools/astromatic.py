@@ -54,7 +54,10 @@ def tool_version(tool: str) -> str:
     """The version string a program reports (``source-extractor -v`` ...), e.g. ``2.25.0``."""
     binary = find_binary(tool)
     flag = "--version" if tool == "solve-field" else "-v"
-    proc = subprocess.run([binary, flag], capture_output=True, text=True, timeout=60)
+    try:
+        proc = subprocess.run([binary, flag], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise ToolError(f"{tool} {flag} did not answer within 60 s") from None
     text = (proc.stdout + proc.stderr).strip()
     m = re.search(r"version\s+([0-9][\w.\-]*)", text, re.I) or re.search(r"([0-9]+\.[0-9][\w.\-]*)", text)
     return m.group(1) if m else text.splitlines()[0] if text else "unknown"
