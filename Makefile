@@ -22,7 +22,7 @@ help:
 deps-debian:
 	@missing=""; \
 	for b in $(TOOLS); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
-	ls /usr/share/astrometry/index-41*.fits >/dev/null 2>&1 || missing="$$missing tycho2-index"; \
+	ls /usr/share/astrometry/index-tycho2-*.fits >/dev/null 2>&1 || missing="$$missing tycho2-index"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages (missing:$$missing)"; \
 		$(SUDO) apt-get update -qq && \
