@@ -19,6 +19,22 @@ from astropy.utils.exceptions import AstropyUserWarning
 from . import storage
 from .errors import BadInputError
 
+# cards astropy writes itself with the data, or that would make a tool read an image wrongly
+STRUCTURAL = ("SIMPLE", "BITPIX", "EXTEND", "BZERO", "BSCALE", "PCOUNT", "GCOUNT", "XTENSION", "EXTNAME",
+              "BLANK", "CHECKSUM", "DATASUM")
+
+
+def clean_header(header: fits.Header | None, *, commentary: bool = True) -> fits.Header:
+    """A copy without the structural cards (they would clash with the data written beside them);
+    ``commentary=False`` drops COMMENT/HISTORY too."""
+    out = fits.Header()
+    for card in (header.cards if header is not None else ()):
+        key = card.keyword
+        if key in STRUCTURAL or key.startswith("NAXIS") or (not commentary and key in ("COMMENT", "HISTORY", "")):
+            continue
+        out.append(card, end=True)
+    return out
+
 
 def image_hdu_index(hdul: fits.HDUList) -> int:
     """The first HDU with a 2-D image (primary for 7DT; extension 1 for tile-compressed or MEF)."""

@@ -100,7 +100,12 @@ def _client():
 @functools.lru_cache(maxsize=1)
 def _retriable_types():
     from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import EndpointConnectionError, HTTPClientError, IncompleteReadError, ReadTimeoutError
+    from botocore.exceptions import (
+        EndpointConnectionError,
+        HTTPClientError,
+        IncompleteReadError,
+        ReadTimeoutError,
+    )
     from s3transfer.exceptions import RetriesExceededError
 
     # HTTPClientError covers a connection closed or a body cut mid-stream; s3transfer gives up

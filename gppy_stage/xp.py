@@ -52,10 +52,12 @@ def xp_of(array):
 
 
 def to_numpy(array) -> numpy.ndarray:
-    """A NumPy copy of a NumPy or CuPy array (for writing FITS)."""
-    if isinstance(array, numpy.ndarray):
-        return array
-    return array.get()
+    """A host (NumPy) array of a NumPy or CuPy array, or of anything array-like.
+
+    CuPy arrays are recognised by their ``.get()``, so CPU-only installs never import CuPy."""
+    if hasattr(array, "get") and not isinstance(array, numpy.ndarray):
+        return array.get()
+    return numpy.asarray(array)
 
 
 def device_name(xp) -> str:

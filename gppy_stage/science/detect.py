@@ -20,6 +20,8 @@ import math
 import numpy as np
 from astropy.table import Table
 
+from gppy_stage.xp import to_numpy
+
 FLAG_BITS = {
     "near_edge": 1,
     "near_mask": 2,
@@ -44,12 +46,6 @@ PENALTY = {
 SIGMA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 
-def _host(a):
-    if a is None:
-        return None
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
-
-
 def _gauss_kernel(fwhm: float) -> np.ndarray:
     h = max(1, int(math.ceil(1.5 * fwhm)))
     y, x = np.mgrid[-h:h + 1, -h:h + 1]
@@ -66,9 +62,9 @@ def matched_noise_factor(diff, noise, mask, fwhm: float) -> float:
     """
     from scipy.signal import fftconvolve
 
-    d = np.asarray(_host(diff), np.float64)
-    n = np.asarray(_host(noise), np.float64)
-    bad = np.zeros(d.shape, bool) if mask is None else np.asarray(_host(mask), bool)
+    d = np.asarray(to_numpy(diff), np.float64)
+    n = np.asarray(to_numpy(noise), np.float64)
+    bad = np.zeros(d.shape, bool) if mask is None else np.asarray(to_numpy(mask), bool)
     bad = bad | ~np.isfinite(d) | ~np.isfinite(n) | ~(n > 0)
     ivar = np.where(bad, 0.0, 1.0 / np.where(bad, 1.0, n) ** 2)
     k = _gauss_kernel(fwhm)
@@ -97,9 +93,9 @@ def find_sources(diff, noise, mask=None, *, fwhm: float, threshold: float = 5.0,
     """
     import sep
 
-    data = np.ascontiguousarray(sign * _host(diff), dtype=np.float64)
-    err = np.ascontiguousarray(_host(noise), dtype=np.float64) * noise_factor
-    bad = np.zeros(data.shape, bool) if mask is None else np.asarray(_host(mask), bool)
+    data = np.ascontiguousarray(sign * to_numpy(diff), dtype=np.float64)
+    err = np.ascontiguousarray(to_numpy(noise), dtype=np.float64) * noise_factor
+    bad = np.zeros(data.shape, bool) if mask is None else np.asarray(to_numpy(mask), bool)
     bad = np.ascontiguousarray(bad | ~np.isfinite(err) | ~np.isfinite(data))
     data = np.where(bad, 0.0, data)
     err = np.where(bad, np.inf, err)
@@ -186,9 +182,9 @@ def detect_candidates(
     moving flag. ``pixel_scale`` (arcsec/px) defaults to the WCS's; needed without a WCS only for
     ``ref_match_arcsec``.
     """
-    d = np.asarray(_host(diff), np.float64)
-    n = np.asarray(_host(noise), np.float64)
-    bad = np.zeros(d.shape, bool) if mask is None else np.asarray(_host(mask), bool)
+    d = np.asarray(to_numpy(diff), np.float64)
+    n = np.asarray(to_numpy(noise), np.float64)
+    bad = np.zeros(d.shape, bool) if mask is None else np.asarray(to_numpy(mask), bool)
     bad = bad | ~np.isfinite(d) | ~np.isfinite(n) | ~(n > 0)
     ny, nx = d.shape
     aper_radius = aper_radius or 2.5 * fwhm

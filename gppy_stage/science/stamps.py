@@ -11,9 +11,7 @@ import io
 
 import numpy as np
 
-
-def _host(a):
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+from gppy_stage.xp import to_numpy
 
 
 def _cutout(img, x, y, half):
@@ -48,7 +46,7 @@ def stamp_png(new, ref, diff, x: float, y: float, *, half: int = 15, title: str 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = [_cutout(_host(new), x, y, half), _cutout(_host(ref), x, y, half), _cutout(_host(diff), x, y, half)]
+    panels = [_cutout(to_numpy(new), x, y, half), _cutout(to_numpy(ref), x, y, half), _cutout(to_numpy(diff), x, y, half)]
     fig = Figure(figsize=(7.5, 2.8), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
@@ -59,7 +57,7 @@ def stamp_png(new, ref, diff, x: float, y: float, *, half: int = 15, title: str 
             ax.imshow(p, origin="lower", cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
         else:
             if noise is not None:
-                p = p / _cutout(_host(noise), x, y, half)
+                p = p / _cutout(to_numpy(noise), x, y, half)
                 lim, lab = 5.0, "diff / noise"
             else:
                 lim = float(np.nanmax(np.abs(p))) if np.isfinite(p).any() else 1.0

@@ -30,6 +30,7 @@ from typing import Any
 import numpy
 
 from gppy_stage.errors import BadInputError, ConfigError
+from gppy_stage.xp import to_numpy
 
 ENGINES = ("native", "hotpants")
 
@@ -47,14 +48,9 @@ class SubtractionResult:
     def to_numpy(self) -> "SubtractionResult":
         """The same result with host (NumPy) arrays, for writing FITS or running sep."""
         return SubtractionResult(
-            diff=_host(self.diff), noise=_host(self.noise), mask=_host(self.mask),
+            diff=to_numpy(self.diff), noise=to_numpy(self.noise), mask=to_numpy(self.mask),
             convolved=self.convolved, kernel_info=dict(self.kernel_info),
         )
-
-
-def _host(a):
-    # CuPy arrays expose .get(); importing cupy here would make CPU-only installs fail.
-    return a.get() if hasattr(a, "get") and not isinstance(a, numpy.ndarray) else numpy.asarray(a)
 
 
 def subtract(
@@ -93,7 +89,7 @@ def subtract(
                                ref_mask=ref_mask, xp=xp, **settings)
     from gppy_stage.science.subtract_hotpants import subtract_hotpants
 
-    return subtract_hotpants(_host(new), _host(ref), new_var=None if new_var is None else _host(new_var),
-                             ref_var=None if ref_var is None else _host(ref_var),
-                             new_mask=None if new_mask is None else _host(new_mask),
-                             ref_mask=None if ref_mask is None else _host(ref_mask), **settings)
+    return subtract_hotpants(to_numpy(new), to_numpy(ref), new_var=None if new_var is None else to_numpy(new_var),
+                             ref_var=None if ref_var is None else to_numpy(ref_var),
+                             new_mask=None if new_mask is None else to_numpy(new_mask),
+                             ref_mask=None if ref_mask is None else to_numpy(ref_mask), **settings)

@@ -24,6 +24,7 @@ import math
 import numpy
 
 from gppy_stage.errors import BadInputError
+from gppy_stage.xp import to_numpy
 
 DEFAULTS = dict(
     stamp_half=10,          # 21x21 px stamps
@@ -49,8 +50,6 @@ DEFAULTS = dict(
 SIGMA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 
-def _host(a):
-    return a.get() if hasattr(a, "get") and not isinstance(a, numpy.ndarray) else numpy.asarray(a)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +319,7 @@ def fit_kernel(src, tgt, src_var, tgt_var, centres, basis, *, stamp_half, spatia
         kern_c = xp.tensordot(coef_full[:nb, 0], basis, axes=(0, 0))
         ksq_new = float((kern_c * kern_c).sum())
         resid = t - model
-        chi2 = _host(((resid * resid) * (1.0 / (vt + vs * ksq_new))).mean(axis=1))
+        chi2 = to_numpy(((resid * resid) * (1.0 / (vt + vs * ksq_new))).mean(axis=1))
         g = chi2[good]
         med = numpy.median(g)
         mad = 1.4826 * numpy.median(numpy.abs(g - med))
@@ -380,10 +379,10 @@ def subtract_native(new, ref, *, new_var=None, ref_var=None, new_mask=None, ref_
     r_img, r_var, r_bad, r_sky = _prepare(ref, ref_var, ref_mask, sat_ref, xp)
     shape = n_img.shape
 
-    h_new, h_ref = _host(n_img), _host(r_img)
-    h_nbad, h_rbad = _host(n_bad), _host(r_bad)
-    o_new = find_stars(h_new, _host(n_var) + h_nbad, h_nbad)
-    o_ref = find_stars(h_ref, _host(r_var) + h_rbad, h_rbad)
+    h_new, h_ref = to_numpy(n_img), to_numpy(r_img)
+    h_nbad, h_rbad = to_numpy(n_bad), to_numpy(r_bad)
+    o_new = find_stars(h_new, to_numpy(n_var) + h_nbad, h_nbad)
+    o_ref = find_stars(h_ref, to_numpy(r_var) + h_rbad, h_rbad)
     fw_new = cfg["new_fwhm"] or _fwhm_from(o_new, h_new)
     fw_ref = cfg["ref_fwhm"] or _fwhm_from(o_ref, h_ref)
     if fw_new is None or fw_ref is None:
@@ -476,7 +475,7 @@ def subtract_native(new, ref, *, new_var=None, ref_var=None, new_mask=None, ref_
         n_stamps_rejected=fit["n_stamps_rejected"], n_iter=fit["n_iter"], stamp_xy=fit["stamp_xy"],
         fwhm_new=float(fw_new), fwhm_ref=float(fw_ref), gauss_sigmas=list(sigmas), gauss_degrees=list(degrees),
         half_width=hw, stamp_half=cfg["stamp_half"], spatial_order=spatial_order, bg_order=cfg["bg_order"],
-        n_basis=int(nb), kernel=_host(kernels[0]), kernel_sq_sum=ksq_c,
-        bg_coeffs=[float(c) for c in _host(coef[nb:, 0])], sky_new=n_sky, sky_ref=r_sky,
+        n_basis=int(nb), kernel=to_numpy(kernels[0]), kernel_sq_sum=ksq_c,
+        bg_coeffs=[float(c) for c in to_numpy(coef[nb:, 0])], sky_new=n_sky, sky_ref=r_sky,
     )
     return SubtractionResult(diff=diff, noise=noise, mask=mask, convolved=convolved, kernel_info=kernel_info)

@@ -18,6 +18,7 @@ from astropy.time import Time
 from .. import __version__, config, library, log, storage
 from ..errors import BadInputError
 from ..fitsio import RawFrame, open_raw, put_hdul, read_hdul
+from ..headers import normalise
 from ..science.combine import clipped_stats, sigma_clipped_median
 from ..xp import device_name, get_xp, to_numpy
 from .base import Night, Timer, input_hash, is_done, product_identity, write_sidecar
@@ -47,11 +48,18 @@ def combine_files(frames: list[RawFrame], prepare: Callable[[np.ndarray, int, in
 def _mean_mjd(frames: list[RawFrame]) -> float:
     mjds = []
     for f in frames:
-        if "MJD" in f.header:
-            mjds.append(float(f.header["MJD"]))
-        elif "DATE-OBS" in f.header:
-            mjds.append(Time(f.header["DATE-OBS"], scale="utc").mjd)
+        h = _observation(f)
+        if "MJD" in h:
+            mjds.append(float(h["MJD"]))
+        elif "DATE-OBS" in h:
+            mjds.append(Time(h["DATE-OBS"], scale="utc").mjd)
     return float(np.mean(mjds)) if mjds else float("nan")
+
+
+def _observation(frame: RawFrame) -> fits.Header:
+    """The frame's header in the 7DT vocabulary (EXPTIME from EXPOSURE or ITIME...), as the
+    planner read it."""
+    return normalise(frame.header, frame.url)
 
 
 def _header(kind: str, calset: dict, inputs: list[str], frames: list[RawFrame], qa: dict, extra: dict) -> fits.Header:
@@ -146,6 +154,7 @@ class _Masters:
         with contextlib.ExitStack() as stack:
             frames = [stack.enter_context(open_raw(ctx.url(k))) for k in entry["frames"]]
             scales, levels = [1.0] * len(frames), None
+            exptimes = [_exptime(f) for f in frames]  # once, not for every chunk
             if kind == "flat":
                 scales, levels = self._flat_levels(frames, bias, dark, support.get("dark_exptime"))
 
@@ -153,7 +162,7 @@ class _Masters:
                 if bias is not None:
                     rows -= bias[start:stop]
                 if kind == "flat" and dark is not None:
-                    rows -= dark[start:stop] * (_exptime(frames[i]) / support["dark_exptime"])
+                    rows -= dark[start:stop] * (exptimes[i] / support["dark_exptime"])
                 if scales[i] != 1.0:
                     rows /= scales[i]
                 return rows
@@ -209,7 +218,7 @@ class _Masters:
 
 
 def _exptime(frame: RawFrame) -> float:
-    return float(frame.header.get("EXPTIME", frame.header.get("EXPOSURE", 0.0)))
+    return float(_observation(frame).get("EXPTIME", 0.0))
 
 
 def run(ctx: Night, calset: str) -> dict:

@@ -32,8 +32,16 @@ from astropy.io import fits
 from .. import __version__, config, library, log, storage
 from ..errors import BadInputError, ConfigError, GppyError, RetriableError
 from ..headers import BLOCK, FrameInfo, frame_info, header_from_head_text
-from ..names import (NightName, calib_name, master_name, night_date_of, parse_night, processed_dir, stack_name,
-                     strip_fits_suffix)
+from ..names import (
+    NightName,
+    calib_name,
+    master_name,
+    night_date_of,
+    parse_night,
+    processed_dir,
+    stack_name,
+    strip_fits_suffix,
+)
 from .base import PLAN_SCHEMA, Night, utcnow
 
 _log = log.get("plan")
@@ -305,7 +313,9 @@ def run(ctx: Night, outputs_dir: str | None = None) -> dict:
         "warnings": plan["warnings"],
     }
     log.event(_log, "planned", unit=ctx.unit, night=ctx.night, **{k: v for k, v in summary.items() if k != "warnings"})
-    from .notify import notify_start  # never raises: a Slack outage must not stop a night
+    from .notify import (
+        notify_start,  # never raises: a Slack outage must not stop a night
+    )
 
     notify_start(ctx, summary)
     return summary

@@ -13,11 +13,25 @@ from astropy.io import fits
 
 from .. import __version__, config, library, log, storage
 from ..errors import BadInputError
-from ..fitsio import open_raw, put_hdul, read_hdul
+from ..fitsio import clean_header, open_raw, put_hdul, read_hdul
 from ..headers import normalise
-from ..science.reduce import MASK_BITS, calibrate, overscan_level, parse_section, remove_cosmic_rays
+from ..science.reduce import (
+    MASK_BITS,
+    calibrate,
+    overscan_level,
+    parse_section,
+    remove_cosmic_rays,
+)
 from ..xp import device_name, get_xp, to_numpy
-from .base import Night, Timer, input_hash, is_done, product_identity, read_sidecar, write_sidecar
+from .base import (
+    Night,
+    Timer,
+    input_hash,
+    is_done,
+    product_identity,
+    read_sidecar,
+    write_sidecar,
+)
 
 _log = log.get("reduce")
 
@@ -134,8 +148,7 @@ def reduce_file(url: str, out_url: str, obs: str | None = None, cosmic_rays: boo
         # the image extension the detector's; the product needs both.
         with storage.local_copy(url) as path:
             merged = fits.getheader(path, 0)
-        structural = {"XTENSION", "PCOUNT", "GCOUNT", "EXTNAME", "SIMPLE", "EXTEND", "NAXIS", "COMMENT", "HISTORY", ""}
-        merged.extend([(k, v) for k, v in header.items() if k not in structural], update=True)
+        merged.extend(clean_header(header, commentary=False), update=True)
         header = normalise(merged, url)
     if "IMAGETYP" not in header:
         raise BadInputError("header has no IMAGETYP (nor OBSTYPE): cannot tell what kind of frame this is", path=url)

@@ -23,7 +23,7 @@ from astropy.io import fits
 
 from .. import __version__, config, log, storage
 from ..errors import BadInputError
-from ..fitsio import put_hdul, read_hdul
+from ..fitsio import clean_header, put_hdul, read_hdul
 from ..science import stack as sk
 from ..tools import swarp as sw
 from .base import Night, Timer, input_hash, is_done, write_sidecar
@@ -124,7 +124,7 @@ def load_frame(ctx: Night, frame: dict, cfg: dict) -> tuple[sw.SwarpInput, sk.Fr
 
 
 def scaled_input(item: sw.SwarpInput, info: sk.FrameForStack, common_zp: float) -> sw.SwarpInput:
-    h = sw.clean_header(item.header)
+    h = clean_header(item.header, commentary=False)
     h["FLXSCALE"] = sk.flux_scale(info.zp, common_zp)
     h["EGAIN"] = info.gain
     h["SATURATE"] = info.saturation

@@ -24,6 +24,7 @@ from astropy.table import Table
 
 from .. import config
 from ..errors import ToolError, ToolMissingError
+from ..fitsio import clean_header
 from . import ldac
 
 # Debian names first: the upstream names are tried too so a source build still works.
@@ -97,7 +98,9 @@ def run_tool(tool: str, args: Sequence[str], cwd: Path, *, timeout: float | None
     return proc
 
 
-def _option_args(options: Mapping[str, Any]) -> list[str]:
+def option_args(options: Mapping[str, Any]) -> list[str]:
+    """``{"combine_type": "WEIGHTED", "subtract_back": False}`` -> ``-COMBINE_TYPE WEIGHTED -SUBTRACT_BACK N``
+    (the command-line form every astromatic program takes)."""
     args = []
     for key, value in options.items():
         if isinstance(value, bool):
@@ -112,21 +115,8 @@ def _option_args(options: Mapping[str, Any]) -> list[str]:
 
 def _fmt(value: Any) -> str:
     if isinstance(value, (float, np.floating)):
-        return f"{float(value):.6g}"
+        return f"{float(value):.8g}"
     return str(value)
-
-
-def _header_for_tool(header: fits.Header | None) -> fits.Header:
-    """A copy without the structural cards astropy writes itself (they would clash)."""
-    out = fits.Header()
-    if header is None:
-        return out
-    for card in header.cards:
-        if card.keyword in ("SIMPLE", "BITPIX", "EXTEND", "BZERO", "BSCALE", "PCOUNT", "GCOUNT", "XTENSION",
-                            "EXTNAME") or card.keyword.startswith("NAXIS"):
-            continue
-        out.append(card, end=True)
-    return out
 
 
 # ----------------------------------------------------------------------------- SExtractor
@@ -163,7 +153,7 @@ def sextractor(
     opts: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="gppy_sex_") as tmp:
         tmp = Path(tmp)
-        fits.PrimaryHDU(np.ascontiguousarray(image, dtype=np.float32), _header_for_tool(header)).writeto(tmp / "image.fits")
+        fits.PrimaryHDU(np.ascontiguousarray(image, dtype=np.float32), clean_header(header)).writeto(tmp / "image.fits")
         (tmp / "run.param").write_text("\n".join(param_names) + "\n")
         opts.update(CATALOG_NAME="out.cat", CATALOG_TYPE="FITS_LDAC", PARAMETERS_NAME="run.param")
         # filter and network files live beside the .sex file; paths in the .sex are relative to it
@@ -181,7 +171,7 @@ def sextractor(
         for key in ("FILTER_NAME", "STARNNW_NAME"):
             if key in opts and not Path(str(opts[key])).is_absolute() and (conf_dir / str(opts[key])).is_file():
                 opts[key] = str(conf_dir / str(opts[key]))
-        run_tool("source-extractor", ["image.fits", "-c", str(conf), *_option_args(opts)], tmp, timeout=timeout)
+        run_tool("source-extractor", ["image.fits", "-c", str(conf), *option_args(opts)], tmp, timeout=timeout)
         if not (tmp / "out.cat").is_file():
             raise ToolError("source-extractor wrote no catalogue")
         table = ldac.read_ldac(str(tmp / "out.cat"))
@@ -251,7 +241,7 @@ def scamp(
         opts.update(ASTREF_CATALOG="FILE", ASTREFCAT_NAME="refcat.ldac", XML_NAME="scamp.xml", WRITE_XML=True,
                     CHECKPLOT_TYPE="NONE", CHECKPLOT_DEV="NULL")
         opts.update({k.upper(): v for k, v in (options or {}).items()})
-        proc = run_tool("scamp", [*names, "-c", str(conf), *_option_args(opts)], tmp, timeout=timeout)
+        proc = run_tool("scamp", [*names, "-c", str(conf), *option_args(opts)], tmp, timeout=timeout)
         headers = []
         for name in names:
             head = tmp / name.replace(".ldac", ".head")
@@ -269,7 +259,7 @@ def _image_header(header: fits.Header) -> fits.Header:
         raise ToolError("scamp needs NAXIS1 and NAXIS2 in each catalogue's image header")
     out = fits.Header([("SIMPLE", True), ("BITPIX", -32), ("NAXIS", 2),
                        ("NAXIS1", int(header["NAXIS1"])), ("NAXIS2", int(header["NAXIS2"]))])
-    out.extend(_header_for_tool(header), end=True)
+    out.extend(clean_header(header), end=True)
     return out
 
 
@@ -301,9 +291,6 @@ def _scamp_fields(xml: Path) -> Table:
 
 # ----------------------------------------------------------------------------- MissFITS
 
-_STRUCTURAL = ("SIMPLE", "BITPIX", "EXTEND", "BZERO", "BSCALE", "PCOUNT", "GCOUNT", "XTENSION")
-
-
 def missfits(
     header: fits.Header,
     head: fits.Header,
@@ -321,18 +308,13 @@ def missfits(
     conf = config_file(config_name)
     with tempfile.TemporaryDirectory(prefix="gppy_missfits_") as tmp:
         tmp = Path(tmp)
-        fits.PrimaryHDU(np.zeros((1, 1), np.float32), _header_for_tool(header)).writeto(tmp / "frame.fits")
+        fits.PrimaryHDU(np.zeros((1, 1), np.float32), clean_header(header)).writeto(tmp / "frame.fits")
         (tmp / "frame.head").write_text(head_text(head))
         opts = {"SAVE_TYPE": "REPLACE", "WRITE_XML": False}
         opts.update({k.upper(): v for k, v in (options or {}).items()})
-        run_tool("missfits", ["frame.fits", "-c", str(conf), *_option_args(opts)], tmp, timeout=timeout)
+        run_tool("missfits", ["frame.fits", "-c", str(conf), *option_args(opts)], tmp, timeout=timeout)
         merged = fits.getheader(tmp / "frame.fits")
-    out = fits.Header()
-    for card in merged.cards:
-        if card.keyword in _STRUCTURAL or card.keyword.startswith("NAXIS"):
-            continue
-        out.append(card, end=True)
-    return out
+    return clean_header(merged)
 
 
 def head_text(head: fits.Header) -> str:

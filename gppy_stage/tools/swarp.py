@@ -19,12 +19,10 @@ import numpy as np
 from astropy.io import fits
 
 from ..errors import ToolError
+from ..fitsio import clean_header
 from . import astromatic
 
 CONFIG = "swarp.conf"
-# cards astropy writes itself, or that would make SWarp read the image wrongly
-_STRUCTURAL = ("SIMPLE", "BITPIX", "EXTEND", "BZERO", "BSCALE", "PCOUNT", "GCOUNT", "XTENSION", "EXTNAME",
-               "BLANK", "CHECKSUM", "DATASUM")
 
 
 @dataclass
@@ -42,17 +40,6 @@ class SwarpResult:
     image: np.ndarray
     weight: np.ndarray
     header: fits.Header
-
-
-def clean_header(header: fits.Header) -> fits.Header:
-    """A copy without structural cards (astropy and SWarp would otherwise disagree about them)."""
-    out = fits.Header()
-    for card in header.cards:
-        key = card.keyword
-        if key in _STRUCTURAL or key.startswith("NAXIS") or key in ("COMMENT", "HISTORY", ""):
-            continue
-        out.append(card, end=True)
-    return out
 
 
 def template_text(header: fits.Header, shape: tuple[int, int]) -> str:
@@ -74,22 +61,6 @@ def template_text(header: fits.Header, shape: tuple[int, int]) -> str:
     return h.tostring(sep="\n", endcard=True, padding=False) + "\n"
 
 
-def option_args(options: Mapping[str, object]) -> list[str]:
-    """``{"combine_type": "WEIGHTED", "subtract_back": False}`` -> ``-COMBINE_TYPE WEIGHTED -SUBTRACT_BACK N``."""
-    args: list[str] = []
-    for key, value in options.items():
-        if isinstance(value, bool):
-            text = "Y" if value else "N"
-        elif isinstance(value, (list, tuple)):
-            text = ",".join(f"{v:.8g}" if isinstance(v, float) else str(v) for v in value)
-        elif isinstance(value, float):
-            text = f"{value:.8g}"
-        else:
-            text = str(value)
-        args += [f"-{key.upper()}", text]
-    return args
-
-
 def swarp(inputs: Sequence[SwarpInput], options: Mapping[str, object] | None = None, *,
           template: tuple[fits.Header, tuple[int, int]] | None = None, timeout: float = 1800) -> SwarpResult:
     """Resample ``inputs`` onto one grid and combine them (see the module docstring)."""
@@ -101,7 +72,8 @@ def swarp(inputs: Sequence[SwarpInput], options: Mapping[str, object] | None = N
         names = []
         for k, item in enumerate(inputs):
             name = f"in{k:03d}.fits"
-            fits.PrimaryHDU(np.asarray(item.data, np.float32), clean_header(item.header)).writeto(cwd / name)
+            header = clean_header(item.header, commentary=False)
+            fits.PrimaryHDU(np.asarray(item.data, np.float32), header).writeto(cwd / name)
             weight = np.ones(item.data.shape, np.float32) if item.weight is None else item.weight
             fits.PrimaryHDU(np.asarray(weight, np.float32)).writeto(cwd / f"in{k:03d}.weight.fits")
             names.append(name)
@@ -110,7 +82,7 @@ def swarp(inputs: Sequence[SwarpInput], options: Mapping[str, object] | None = N
             (cwd / "coadd.head").write_text(template_text(*template))
         args = ["@inputs.lis", "-c", conf, "-IMAGEOUT_NAME", "coadd.fits", "-WEIGHTOUT_NAME", "coadd.weight.fits",
                 "-RESAMPLE_DIR", ".", "-VMEM_DIR", ".", "-WRITE_XML", "N"]
-        args += option_args(options or {})
+        args += astromatic.option_args(options or {})
         proc = astromatic.run_tool("swarp", args, cwd, timeout=timeout)
         out, wout = cwd / "coadd.fits", cwd / "coadd.weight.fits"
         if not out.is_file() or not wout.is_file():
