@@ -313,9 +313,7 @@ def run(ctx: Night, outputs_dir: str | None = None) -> dict:
         "warnings": plan["warnings"],
     }
     log.event(_log, "planned", unit=ctx.unit, night=ctx.night, **{k: v for k, v in summary.items() if k != "warnings"})
-    from .notify import (
-        notify_start,  # never raises: a Slack outage must not stop a night
-    )
+    from .notify import notify_start  # never raises: a Slack outage must not stop a night
 
     notify_start(ctx, summary)
     return summary
