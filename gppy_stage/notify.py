@@ -16,10 +16,12 @@ webhook's path). Network faults and HTTP 429/5xx raise RetriableError; a refused
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
@@ -79,6 +81,7 @@ class Slack:
         payload: dict = {"text": text}
         if blocks:
             payload["blocks"] = blocks
+        self._check_urls()
         if self.mode == "webhook":
             status, body = self._post(self.webhook_url, payload, {}, what="webhook")
             if body.strip() not in (b"ok", b""):
@@ -102,6 +105,22 @@ class Slack:
         log.event(_log, "slack message sent", mode="bot", channel=self.channel, chars=len(text))
         return {"sent": True, "mode": "bot", "channel": self.channel, "ts": answer.get("ts")}
 
+    def _check_urls(self) -> None:
+        """Refuse a URL that no retry could ever deliver to (no host, a bad port, another scheme
+        such as file://, whitespace): that is a wrong secret, exit 78, not a network fault to retry
+        forever. The message never quotes the URL: a webhook URL is itself the secret."""
+        url, what = (self.webhook_url, "webhook URL (SLACK_WEBHOOK_URL)") if self.mode == "webhook" else \
+            (self.api_url, "API URL (SLACK_API_URL)")
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port_ok = parts.port is None or 0 < parts.port < 65536
+        except ValueError:
+            port_ok = False
+            parts = None
+        if parts is None or parts.scheme not in ("https", "http") or not parts.hostname or not port_ok \
+                or re.search(r"[\s\x00-\x1f\x7f]", url):
+            raise ConfigError(f"slack: the {what} is malformed: it must be http(s)://host/path (check the secret)")
+
     def _post(self, url: str, payload: dict, headers: dict, *, what: str) -> tuple[int, bytes]:
         try:
             # built inside the try: a malformed URL or token fails here, with the secret in its message
@@ -119,7 +138,7 @@ class Slack:
             if status == 429 or status >= 500:
                 raise RetriableError(message) from None
             raise ConfigError(message) from None
-        except ValueError:  # http.client.InvalidURL, a bad header value, an unknown URL type
+        except (ValueError, http.client.InvalidURL):  # a bad header value, an unknown URL type
             raise ConfigError(f"slack {what}: the webhook URL or token is malformed (check the secret)") from None
         except (urllib.error.URLError, OSError) as exc:
             # the reason (connection refused, timeout) carries no URL; redact all the same

@@ -214,3 +214,27 @@ def test_notify_start_never_fails_the_plan(monkeypatch, tmp_path):
     monkeypatch.setenv("SLACK_WEBHOOK_URL", "http://127.0.0.1:9/nothing-listens-here")
     out = notify_stage.notify_start(Night(str(tmp_path), UNIT, NIGHT), {"frames": 1})
     assert out["sent"] is False and "unreachable" in out["error"]
+
+
+@pytest.mark.parametrize("hook", ["https:/hooks.slack.example", "https://", "ftp://127.0.0.1", "file:///etc",
+                                  "https://hooks.slack.example:99999", "https://hooks slack.example",
+                                  "https://[::1"])
+def test_malformed_webhook_is_a_config_error_not_retried(hook, gppy_logs):
+    # each of these once raised RetriableError (exit 75): Argo would retry a wrong secret forever,
+    # and file:// read a local file into the error message
+    with pytest.raises(ConfigError, match="malformed") as err:
+        Slack.from_env({"SLACK_WEBHOOK_URL": hook + HOOK_PATH}, timeout=3).send("x")
+    assert err.value.exit_code == 78
+    assert "SECRETHOOKPATH" not in " ".join([str(err.value)] + gppy_logs)
+
+
+def test_notify_stage_exits_78_on_a_malformed_webhook(tmp_path):
+    import os
+    import subprocess
+
+    env = dict(os.environ, SLACK_WEBHOOK_URL="https:/hooks.slack.example" + HOOK_PATH)
+    env.pop("SLACK_BOT_TOKEN", None)
+    proc = subprocess.run(["gppy", "stage", "notify", "--root", str(tmp_path), "--obs", UNIT, "--night", NIGHT,
+                           "--status", "Failed"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 78, proc.stdout + proc.stderr
+    assert "malformed" in proc.stdout + proc.stderr and "SECRETHOOKPATH" not in proc.stdout + proc.stderr
