@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from gppy_stage.errors import BadInputError, ConfigError, ToolMissingError
-from gppy_stage.science import subtract_hotpants as sh
+from gppy_stage.tools import hotpants as sh
+from gppy_stage.science.kernel import measure_fwhm
 from gppy_stage.science.subtract import SubtractionResult, subtract
 from gppy_stage.science.subtract_native import box_dilate, fft_convolve, kernel_basis
 from gppy_stage.science.subtract_sim import make_pair
@@ -214,6 +215,25 @@ def test_hotpants_args_are_complete():
     assert args[i + 1:i + 8] == ["3", "6", "0.7000", "4", "1.5000", "2", "3.0000"]
 
 
+def test_hotpants_substamp_never_narrower_than_kernel():
+    # HOTPANTS stops with "rss (10) < r (25)" when the substamp is narrower than the kernel
+    for r in (5, 9, 16, 25):
+        args = sh.build_args(
+            new_path="n", ref_path="r", out_path="d", new_noise="nn", ref_noise="rn", new_mask="nm", ref_mask="rm",
+            out_noise="on", out_mask="om", new_stats=(0.0, 1.0, 10.0), ref_stats=(0.0, 1.0, 10.0), new_sat=None,
+            ref_sat=None, convolve="ref", sigmas=(0.7, 1.5, 3.0), degrees=(6, 4, 2), kernel_half=r, stamp_half=10)
+        opts = dict(zip(args[1::2], args[2::2]))
+        assert int(opts["-r"]) == r and int(opts["-rss"]) >= 1.5 * r and int(opts["-rss"]) >= 10
+
+
+def test_seeing_measured_with_the_sky_in(pair):
+    # the raw images carry 1200/1000 ADU of sky: the seeing must be the stars', not the pedestal's
+    for key, true in (("new", 4.0), ("ref", 2.5)):
+        fw = measure_fwhm(pair[key], np.zeros(SHAPE, bool))
+        print(key, "FWHM", fw)
+        assert abs(fw - true) < 0.15 * true
+
+
 def test_hotpants_missing_is_typed(monkeypatch, pair):
     monkeypatch.setattr(sh, "hotpants_path", lambda: None)
     with pytest.raises(ToolMissingError):
@@ -222,12 +242,18 @@ def test_hotpants_missing_is_typed(monkeypatch, pair):
 
 @pytest.mark.skipif(shutil.which("hotpants") is None,
                     reason="hotpants is not on PATH (no Debian/PyPI package; it is built in the container image)")
-def test_hotpants_engine(pair):
+def test_hotpants_engine_against_native(pair, result):
+    # the real binary on the same seeded pair as the native engine: both near the truth
     r = subtract(pair["new"], pair["ref"], new_var=pair["new_var"], ref_var=pair["ref_var"], engine="hotpants")
-    assert r.convolved == "ref"
-    assert abs(r.kernel_info["flux_scale"] / SCALE - 1) < 0.02
-    free = _source_free(pair, r.mask)
-    assert abs((r.diff[free] / r.noise[free]).std() - 1) < 0.15
+    ki = r.kernel_info
+    assert r.convolved == "ref" and ki["engine"] == "hotpants"
+    assert abs(ki["fwhm_new"] - 4.0) < 0.5 and abs(ki["fwhm_ref"] - 2.5) < 0.4  # measured without the sky
+    free = _source_free(pair, r.mask | result.mask)
+    for name, res in (("hotpants", r), ("native", result)):
+        z = res.diff[free] / res.noise[free]
+        print(f"{name}: flux scale {res.kernel_info['flux_scale']:.4f} (true {SCALE}), noise ratio {z.std():.4f}")
+        assert abs(res.kernel_info["flux_scale"] / SCALE - 1) < 0.02
+        assert abs(z.std() - 1) < 0.10
     xs, ys, fl = (np.array(v) for v in zip(*pair["inject"]))
     f, _ = _aperture(r.diff, r.noise, r.mask, xs, ys, 12.0)
     assert np.all(np.abs(f / fl - 1) < 0.05)
@@ -257,7 +283,8 @@ def test_cupy_matches_numpy(pair, result):
     assert isinstance(g.diff, cp.ndarray)
     h = g.to_numpy()
     assert h.convolved == result.convolved
-    assert h.kernel_info["sum"] == pytest.approx(result.kernel_info["sum"], rel=1e-6)
+    # images are float32: agreement to float32 rounding through a few FFTs, not to float64's
+    assert h.kernel_info["sum"] == pytest.approx(result.kernel_info["sum"], rel=1e-5)
     assert np.array_equal(h.mask, result.mask)
-    assert np.allclose(h.diff, result.diff, atol=1e-6 * float(np.abs(result.diff).max()))
-    assert np.allclose(h.noise, result.noise, rtol=1e-6)
+    assert np.allclose(h.diff, result.diff, atol=1e-4 * float(np.abs(result.diff).max()))
+    assert np.allclose(h.noise, result.noise, rtol=1e-4)

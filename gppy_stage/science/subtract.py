@@ -8,7 +8,7 @@ Engines:
 - ``"native"``: our Alard & Lupton (1998) / Alard (2000) engine (``subtract_native``), pure
   array code through an array namespace, so the same code runs on NumPy and CuPy.
 - ``"hotpants"``: the HOTPANTS program, one temporary directory per call
-  (``subtract_hotpants``).
+  (``gppy_stage.tools.hotpants``).
 
 Conventions shared by both engines (and relied on by ``detect``):
 - ``diff`` is new - ref, so a source that brightened is positive, in the reference's flux
@@ -24,33 +24,16 @@ Conventions shared by both engines (and relied on by ``detect``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import numpy
 
 from gppy_stage.errors import BadInputError, ConfigError
+from gppy_stage.science.kernel import SubtractionResult
+from gppy_stage.science.subtract_native import subtract_native
+from gppy_stage.tools.hotpants import subtract_hotpants
 from gppy_stage.xp import to_numpy
 
 ENGINES = ("native", "hotpants")
-
-
-@dataclass
-class SubtractionResult:
-    """What every engine returns; arrays live in the namespace the engine ran with."""
-
-    diff: Any
-    noise: Any
-    mask: Any
-    convolved: str  # "ref" or "new"
-    kernel_info: dict = field(default_factory=dict)
-
-    def to_numpy(self) -> "SubtractionResult":
-        """The same result with host (NumPy) arrays, for writing FITS or running sep."""
-        return SubtractionResult(
-            diff=to_numpy(self.diff), noise=to_numpy(self.noise), mask=to_numpy(self.mask),
-            convolved=self.convolved, kernel_info=dict(self.kernel_info),
-        )
+__all__ = ["ENGINES", "SubtractionResult", "subtract"]
 
 
 def subtract(
@@ -70,7 +53,7 @@ def subtract(
     ``new_var``/``ref_var`` are per-pixel variances in the images' own units (None: estimated
     from the sky scatter, flat). ``new_mask``/``ref_mask`` are True on bad pixels (None: only
     non-finite pixels are bad). ``settings`` go to the engine (see ``subtract_native.DEFAULTS``
-    and ``subtract_hotpants.run_hotpants``).
+    and ``tools.hotpants.subtract_hotpants``).
     """
     if engine not in ENGINES:
         raise ConfigError(f"unknown subtraction engine {engine!r}; use one of {ENGINES}")
@@ -83,12 +66,8 @@ def subtract(
         if arr is not None and arr.shape != new.shape:
             raise BadInputError(f"{name} has shape {arr.shape}, images have {new.shape}")
     if engine == "native":
-        from gppy_stage.science.subtract_native import subtract_native
-
         return subtract_native(new, ref, new_var=new_var, ref_var=ref_var, new_mask=new_mask,
                                ref_mask=ref_mask, xp=xp, **settings)
-    from gppy_stage.science.subtract_hotpants import subtract_hotpants
-
     return subtract_hotpants(to_numpy(new), to_numpy(ref), new_var=None if new_var is None else to_numpy(new_var),
                              ref_var=None if ref_var is None else to_numpy(ref_var),
                              new_mask=None if new_mask is None else to_numpy(new_mask),

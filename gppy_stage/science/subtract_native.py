@@ -1,17 +1,25 @@
-"""The native Alard-Lupton engine: PSF matching by a spatially varying kernel.
+"""The native Alard-Lupton engine: PSF matching by a spatially varying kernel, tile by tile.
 
 Model (Alard & Lupton 1998; Alard 2000): ``target(x, y) = (K_xy * source)(x, y) + B(x, y)``
 where ``source`` is the sharper image (it is convolved, so the kernel never deconvolves),
 ``K_xy = sum_i a_i(x, y) b_i`` over a basis of Gaussians times polynomials, and ``B`` is a
 low-order polynomial (the differential sky). All basis functions but the first have zero sum,
-and only their coefficients vary over the field, so the photometric scale (the kernel sum)
-is one number for the whole image, as it must be for a transparency change.
+and only their coefficients vary over a tile, so the photometric scale (the kernel sum) is one
+number per tile, as it must be for a transparency change.
+
+Tiles, as HOTPANTS' regions: the frame is cut into tiles of about ``tile`` px. Each tile solves
+its own kernel and background on stamps of its core plus a margin, and applies them on its core
+plus ``tile_overlap`` px each side; across the overlap the two tiles' differences are blended by
+linear weights that sum to one, so there is no step where one solution hands over to the next.
+A tile's working set is a few of its own size, so a full 9576x6388 frame stays within a few
+frame-sized float32 arrays (inputs and outputs), and tiles run in parallel threads on the CPU.
 
 The fit uses stamps around isolated, unsaturated stars present in both images, spread over a
 grid so the spatial terms are constrained everywhere; stamps whose fit is much worse than the
 others (variables, blends, cosmic rays) are dropped and the fit redone. Applying the kernel
 uses the linearity of the model: ``K_xy * S = sum_k P_k(x, y) (K_k * S)``, one FFT convolution
-per spatial term instead of one per pixel.
+per spatial term instead of one per pixel. Images are float32; only the normal equations (small)
+are float64.
 
 Everything that touches pixels goes through the array namespace ``xp`` (NumPy or CuPy);
 only star finding (sep, a handful of positions) runs on the host.
@@ -20,21 +28,27 @@ only star finding (sep, a handful of positions) runs on the host.
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy
 
-from gppy_stage.errors import BadInputError
+from gppy_stage.errors import BadInputError, ConfigError
+from gppy_stage.science.kernel import (GAUSS_DEGREES, SubtractionResult, direction, find_stars, fwhm_of,
+                                       half_light_diameters, kernel_half_width, matching_sigmas, sky_level)
+from gppy_stage.science.photometry import NMAD
 from gppy_stage.xp import to_numpy
 
 DEFAULTS = dict(
     stamp_half=10,          # 21x21 px stamps
     kernel_half=None,       # None: from the Gaussian widths
     gauss_sigmas=None,      # None: (0.5, 1, 2) x sigma_match (HOTPANTS README's rule of thumb)
-    gauss_degrees=(6, 4, 2),
-    spatial_order=2,
+    gauss_degrees=GAUSS_DEGREES,
+    spatial_order=2,        # within one tile
     bg_order=1,
-    max_stamps=300,
-    stamp_grid=(6, 6),      # stamps are picked round-robin from these cells
+    max_stamps=300,         # per tile
+    stamp_grid=(6, 6),      # stamps are picked round-robin from these cells of a tile
     stamp_snr=30.0,         # minimum S/N of a stamp star in both images
     clip_sigma=3.0,
     max_iter=5,
@@ -45,11 +59,11 @@ DEFAULTS = dict(
     ref_fwhm=None,
     convolve=None,          # "ref" / "new" forces the direction
     min_stamps=8,
+    tile=2048,              # px: tiles of about this size, each with its own kernel and background
+    tile_overlap=32,        # px each side of a tile border over which two tiles' results are blended
+    tile_margin=128,        # px beyond the blended area whose stamps also constrain a tile's fit
+    threads=2,              # tiles solved at once on the CPU (FFT, BLAS and sep release the GIL)
 )
-
-SIGMA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,17 +83,25 @@ def _fast_len(n: int) -> int:
         m += 1
 
 
+def _fft(xp):
+    """scipy.fft for NumPy arrays (it keeps float32 as float32; numpy.fft would promote), else xp.fft."""
+    if xp is numpy:
+        import scipy.fft
+
+        return scipy.fft
+    return xp.fft
+
+
 def fft_convolve(images, kernels, xp=numpy, *, fft_shape=None):
     """'same'-size convolution of ``images (..., H, W)`` by centred odd ``kernels (..., K, K)``.
 
     Zero padding (not wrap-around) outside the image; leading axes broadcast.
     """
     H, W = images.shape[-2:]
-    K = kernels.shape[-1]
-    hw = K // 2
+    hw = kernels.shape[-1] // 2
     if fft_shape is None:
         fft_shape = (_fast_len(H + hw + 1), _fast_len(W + hw + 1))
-    fi = xp.fft.rfft2(images, s=fft_shape)
+    fi = _fft(xp).rfft2(images, s=fft_shape)
     return _apply_kernel_fft(fi, kernels, fft_shape, (H, W), xp)
 
 
@@ -89,12 +111,12 @@ def _kernel_fft(kernels, fft_shape, xp):
     kp[..., : kernels.shape[-2], : kernels.shape[-1]] = kernels
     # the kernel's centre goes to pixel (0, 0) so the output is not shifted
     kp = xp.roll(kp, (-hw, -hw), axis=(-2, -1))
-    return xp.fft.rfft2(kp)
+    return _fft(xp).rfft2(kp)
 
 
-def _apply_kernel_fft(fi, kernels, fft_shape, out_hw, xp):
-    out = xp.fft.irfft2(fi * _kernel_fft(kernels, fft_shape, xp), s=fft_shape)
-    return out[..., : out_hw[0], : out_hw[1]]
+def _apply_kernel_fft(fi, kernels, fft_shape, out_hw, xp, offset=(0, 0)):
+    out = _fft(xp).irfft2(fi * _kernel_fft(kernels, fft_shape, xp), s=fft_shape)
+    return out[..., offset[0]:offset[0] + out_hw[0], offset[1]:offset[1] + out_hw[1]]
 
 
 def box_dilate(mask, r: int, xp=numpy):
@@ -114,18 +136,31 @@ def box_dilate(mask, r: int, xp=numpy):
     return m > 0
 
 
+def poly_exponents(order: int) -> list[tuple[int, int]]:
+    """(i, j) of u^i v^j for i + j <= order, lowest order first (1, u, v, u^2, uv, v^2, ...)."""
+    return [(n - j, j) for n in range(order + 1) for j in range(n + 1)]
+
+
 def poly_terms(u, v, order: int):
-    """[u^i v^j for i + j <= order], lowest order first (1, u, v, u^2, uv, v^2, ...)."""
-    out = []
-    for n in range(order + 1):
-        for j in range(n + 1):
-            out.append(u ** (n - j) * v ** j)
+    """[u^i v^j for i + j <= order], in the order of ``poly_exponents``."""
+    return [u ** i * v ** j for i, j in poly_exponents(order)]
+
+
+def _poly_image(coeffs: dict, u, v, xp):
+    """sum c_ij u^i v^j on the grid of 1-D ``u`` (columns) and ``v`` (rows), one row sum per power
+    of v, so a full-size image costs a few array operations instead of one per term."""
+    out = xp.zeros((v.shape[0], u.shape[0]), dtype=xp.float32)
+    for j in sorted({j for _, j in coeffs}):
+        row = sum(float(c) * u ** i for (i, jj), c in coeffs.items() if jj == j)
+        out += (v ** j)[:, None].astype(xp.float32) * xp.asarray(row, dtype=xp.float32)[None, :]
     return out
 
 
-def _norm_coords(x, y, shape):
-    ny, nx = shape
-    return (x - (nx - 1) / 2.0) / max((nx - 1) / 2.0, 1.0), (y - (ny - 1) / 2.0) / max((ny - 1) / 2.0, 1.0)
+def _norm_coords(x, y, box):
+    """Coordinates scaled to [-1, 1] over ``box = (y0, y1, x0, x1)``: high powers stay near 1."""
+    y0, y1, x0, x1 = box
+    hx, hy = max((x1 - x0 - 1) / 2.0, 1.0), max((y1 - y0 - 1) / 2.0, 1.0)
+    return (x - (x0 + x1 - 1) / 2.0) / hx, (y - (y0 + y1 - 1) / 2.0) / hy
 
 
 def kernel_basis(sigmas, degrees, half: int, xp=numpy):
@@ -147,38 +182,126 @@ def kernel_basis(sigmas, degrees, half: int, xp=numpy):
 
 
 # ---------------------------------------------------------------------------------------------
-# Star finding and stamp choice (host side, a few hundred positions)
+# Tiles
 
 
-def find_stars(image, var, bad, *, snr: float = 5.0):
-    """sep detections on a background-subtracted host image: a structured array."""
-    import sep
+@dataclass(frozen=True)
+class Tile:
+    """One tile: ``core`` partitions the frame; ``apply`` = core + overlap (where its result is
+    used, with weights ``wy``/``wx``); ``fit`` = apply + margin (its stamps); ``cut`` = fit + the
+    stamp and kernel reach (the pixels it reads). Boxes are (y0, y1, x0, x1) in frame pixels."""
 
-    data = numpy.ascontiguousarray(image, dtype=numpy.float64)
-    err = numpy.ascontiguousarray(numpy.sqrt(var), dtype=numpy.float64)
-    sep.set_extract_pixstack(max(300000, data.size // 4))
-    objs = sep.extract(data, snr, err=err, mask=numpy.ascontiguousarray(bad, dtype=bool), minarea=5,
-                       deblend_cont=0.005)
-    # aperture S/N with the real per-pixel errors: sep's isophotal flux carries no error
-    flux, ferr, _ = sep.sum_circle(data, objs["x"], objs["y"], 5.0, err=err, mask=bad, subpix=1)
-    return objs, flux / numpy.maximum(ferr, 1e-30)
+    core: tuple
+    apply: tuple
+    fit: tuple
+    wy: numpy.ndarray
+    wx: numpy.ndarray
 
 
-def _fwhm_from(cat, image):
-    import sep
+def _edges(n: int, tile: int) -> list[int]:
+    k = max(1, math.ceil(n / max(int(tile), 1)))
+    return [round(i * n / k) for i in range(k + 1)]
 
-    objs, snr_all = cat
+
+def _ramp(a: int, b: int, n: int, o: int):
+    """1-D blending weight of core [a, b) over [a - o, b + o): neighbours' ramps sum to one."""
+    lo, hi = max(a - o, 0), min(b + o, n)
+    x = numpy.arange(lo, hi) + 0.5
+    w = numpy.ones(hi - lo)
+    if a > 0:
+        w = numpy.minimum(w, numpy.clip((x - (a - o)) / (2 * o), 0, 1))
+    if b < n:
+        w = numpy.minimum(w, numpy.clip((b + o - x) / (2 * o), 0, 1))
+    return lo, hi, w.astype(numpy.float32)
+
+
+def make_tiles(shape, tile: int, overlap: int, margin: int) -> list[Tile]:
+    H, W = shape
+    ey, ex = _edges(H, tile), _edges(W, tile)
+    o = max(int(overlap), 1)
+    out = []
+    for a, b in zip(ey[:-1], ey[1:]):
+        y0, y1, wy = _ramp(a, b, H, o)
+        for c, d in zip(ex[:-1], ex[1:]):
+            x0, x1, wx = _ramp(c, d, W, o)
+            fit = (max(y0 - margin, 0), min(y1 + margin, H), max(x0 - margin, 0), min(x1 + margin, W))
+            out.append(Tile(core=(a, b, c, d), apply=(y0, y1, x0, x1), fit=fit, wy=wy, wx=wx))
+    return out
+
+
+def _grow(box, r, shape):
+    y0, y1, x0, x1 = box
+    return max(y0 - r, 0), min(y1 + r, shape[0]), max(x0 - r, 0), min(x1 + r, shape[1])
+
+
+def _local(box, origin):
+    return box[0] - origin[0], box[1] - origin[0], box[2] - origin[2], box[3] - origin[2]
+
+
+class _Frame:
+    """One input image: its arrays as given (no full-frame copies), sky and saturation; ``cut``
+    prepares one region as float32 (sky removed, bad pixels zero)."""
+
+    def __init__(self, img, var, mask, sat, xp):
+        self.img, self.var, self.mask, self.sat, self.xp = img, var, mask, sat, xp
+        sample = self._bad(img[::4, ::4], None if mask is None else mask[::4, ::4],
+                           None if var is None else var[::4, ::4])
+        self.sky, self.sig = sky_level(xp.asarray(img[::4, ::4], dtype=xp.float32), sample, xp, step=1)
+
+    def _bad(self, img, mask, var):
+        xp = self.xp
+        img = xp.asarray(img)
+        bad = ~xp.isfinite(img)
+        if mask is not None:
+            bad |= xp.asarray(mask).astype(bool)
+        if self.sat is not None:
+            bad |= img >= self.sat
+        if var is not None:
+            var = xp.asarray(var)
+            bad |= ~xp.isfinite(var) | (var <= 0)
+        return bad
+
+    def cut(self, box):
+        xp = self.xp
+        y0, y1, x0, x1 = box
+        sl = (slice(y0, y1), slice(x0, x1))
+        img = xp.asarray(self.img[sl], dtype=xp.float32)
+        var = None if self.var is None else xp.asarray(self.var[sl], dtype=xp.float32)
+        bad = self._bad(img, None if self.mask is None else self.mask[sl], var)
+        img = xp.where(bad, xp.float32(0), img - xp.float32(self.sky))
+        var = xp.where(bad, xp.float32(0), xp.float32(self.sig**2) if var is None else var)
+        return img, var, bad
+
+
+# ---------------------------------------------------------------------------------------------
+# Stars (pass 1: every tile's core, on the host) and stamp choice
+
+
+def _concat(cats):
+    objs = numpy.concatenate([c[0] for c in cats]) if cats else numpy.zeros(0)
+    return objs, numpy.concatenate([c[1] for c in cats]) if cats else numpy.zeros(0)
+
+
+def _tile_stars(frame, tile, shape):
+    """Stars whose centre is in the tile's core, in frame coordinates, and their half-light diameters."""
+    box = _grow(tile.core, 16, shape)
+    img, var, bad = (to_numpy(a) for a in frame.cut(box))
+    objs, snr = find_stars(img, var, bad)
+    diam, dsnr = half_light_diameters((objs, snr), img)
     good = (objs["flag"] == 0) & (objs["flux"] > 0)
-    if good.sum() < 3:
-        return None
-    o = objs[good]
-    rhalf, _ = sep.flux_radius(numpy.ascontiguousarray(image, dtype=numpy.float64), o["x"], o["y"],
-                               6.0 * o["a"], 0.5, subpix=5)
-    snr = snr_all[good]
-    top = numpy.argsort(-snr)[: max(10, len(o) // 3)]
-    # half-light diameter: equals the FWHM for a Gaussian; for Moffat a little larger, which
-    # biases both images alike and so does not change which one is sharper
-    return float(numpy.median(2.0 * rhalf[top]))
+    objs = objs.copy()
+    objs["x"] += box[2]
+    objs["y"] += box[0]
+    a, b, c, d = tile.core
+    inside = (objs["y"] >= a - 0.5) & (objs["y"] < b - 0.5) & (objs["x"] >= c - 0.5) & (objs["x"] < d - 0.5)
+    return (objs[inside], snr[inside]), (diam[inside[good]], dsnr[inside[good]])
+
+
+def _stars(frame, tiles, shape, pool):
+    found = list(pool.map(lambda t: _tile_stars(frame, t, shape), tiles))
+    cat = _concat([f[0] for f in found])
+    fwhm = fwhm_of(numpy.concatenate([f[1][0] for f in found]), numpy.concatenate([f[1][1] for f in found]))
+    return cat, fwhm
 
 
 def _match(xa, ya, xb, yb, radius):
@@ -191,12 +314,25 @@ def _match(xa, ya, xb, yb, radius):
     return numpy.where(numpy.isfinite(d), j, -1)
 
 
+def _in_box(cat, box):
+    """The catalogue entries inside ``box``, shifted to its origin."""
+    objs, snr = cat
+    y0, y1, x0, x1 = box
+    keep = (objs["x"] >= x0) & (objs["x"] < x1 - 1) & (objs["y"] >= y0) & (objs["y"] < y1 - 1)
+    objs = objs[keep].copy()
+    objs["x"] -= x0
+    objs["y"] -= y0
+    return objs, snr[keep]
+
+
 def choose_stamps(src_cat, tgt_cat, bad_host, shape, *, stamp_half, kernel_half, snr, sat_src, sat_tgt,
-                  grid, max_stamps):
-    """Integer centres of stamp stars: in both images, isolated, unsaturated, clear of masks."""
+                  grid, max_stamps, region=None):
+    """Integer centres of stamp stars: in both images, isolated, unsaturated, clear of masks, and
+    inside ``region`` (y0, y1, x0, x1) when given."""
     from scipy.spatial import cKDTree
 
     ny, nx = shape
+    ry0, ry1, rx0, rx1 = region or (0, ny, 0, nx)
     src_objs, src_snr = src_cat
     tgt_objs, tgt_snr = tgt_cat
     j = _match(src_objs["x"], src_objs["y"], tgt_objs["x"], tgt_objs["y"], 1.5)
@@ -212,33 +348,36 @@ def choose_stamps(src_cat, tgt_cat, bad_host, shape, *, stamp_half, kernel_half,
     cx = numpy.rint(s["x"]).astype(int)
     cy = numpy.rint(s["y"]).astype(int)
     edge = stamp_half + kernel_half + 1
-    keep &= (cx >= edge) & (cx < nx - edge) & (cy >= edge) & (cy < ny - edge)
+    keep &= (cx >= max(edge, rx0)) & (cx < min(nx - edge, rx1)) & (cy >= max(edge, ry0)) & (cy < min(ny - edge, ry1))
+    if not keep.any():
+        return numpy.zeros((0, 2), int)
     # isolation: no other detection (in either image) inside the stamp
-    allxy = numpy.r_[numpy.c_[src_objs["x"], src_objs["y"]], numpy.c_[tgt_objs["x"], tgt_objs["y"]]]
-    tree = cKDTree(allxy)
-    counts = numpy.array([len(tree.query_ball_point((a, b), stamp_half)) for a, b in zip(s["x"], s["y"])])
+    tree = cKDTree(numpy.r_[numpy.c_[src_objs["x"], src_objs["y"]], numpy.c_[tgt_objs["x"], tgt_objs["y"]]])
+    counts = tree.query_ball_point(numpy.c_[s["x"], s["y"]], stamp_half, return_length=True)
     keep &= counts <= 2  # itself, once per image
-    idx = numpy.nonzero(keep)[0]
     r = stamp_half + kernel_half
-    idx = numpy.array([i for i in idx if not bad_host[cy[i] - r:cy[i] + r + 1, cx[i] - r:cx[i] + r + 1].any()], int)
+    idx = numpy.array([i for i in numpy.nonzero(keep)[0]
+                       if not bad_host[cy[i] - r:cy[i] + r + 1, cx[i] - r:cx[i] + r + 1].any()], int)
     if len(idx) == 0:
         return numpy.zeros((0, 2), int)
-    # spread over the field: best S/N first within each cell, cells taken in turn
+    picked = _spread(cx[idx] - rx0, cy[idx] - ry0, s_snr[idx], (rx1 - rx0, ry1 - ry0), grid, max_stamps)
+    return numpy.c_[cx[idx[picked]], cy[idx[picked]]]
+
+
+def _spread(x, y, snr, size, grid, n_max):
+    """Indices of at most n_max stars, spread over a grid: best S/N first within each cell, cells in turn."""
     gx, gy = grid
-    cell = (cx[idx] * gx // nx) * gy + (cy[idx] * gy // ny)
-    order = numpy.argsort(-s_snr[idx])
+    cell = (numpy.clip(x * gx // size[0], 0, gx - 1)) * gy + numpy.clip(y * gy // size[1], 0, gy - 1)
     ranked = {}
-    for k in order:
-        ranked.setdefault(cell[k], []).append(idx[k])
+    for k in numpy.argsort(-snr):
+        ranked.setdefault(cell[k], []).append(k)
     picked, depth = [], 0
-    while len(picked) < max_stamps and any(depth < len(v) for v in ranked.values()):
+    while len(picked) < n_max and any(depth < len(v) for v in ranked.values()):
         for v in ranked.values():
-            if depth < len(v) and len(picked) < max_stamps:
+            if depth < len(v) and len(picked) < n_max:
                 picked.append(v[depth])
         depth += 1
-    picked = numpy.array(picked, int)
-    return numpy.c_[cx[picked], cy[picked]]
-
+    return numpy.array(picked, int)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,73 +395,78 @@ def _stamp_stack(img, centres, half, xp):
     return img[yy, xx].reshape(len(centres), n, n)
 
 
-def fit_kernel(src, tgt, src_var, tgt_var, centres, basis, *, stamp_half, spatial_order, bg_order,
-               clip_sigma, max_iter, min_stamps, xp=numpy):
-    """Least-squares kernel + background coefficients with stamp-level clipping.
-
-    Returns (coef (nb + nbg, nk) array with unfitted combinations zero, info dict).
-    """
+def _design(src, tgt, src_var, tgt_var, centres, basis, box, *, stamp_half, bg_order, spatial_order, xp):
+    """Per-stamp design matrices (ns, npix, nc), targets, variances and spatial terms (ns, nk)."""
     nb, K = basis.shape[0], basis.shape[-1]
     hw = K // 2
     S = 2 * stamp_half + 1
-    shape = src.shape
     ns = len(centres)
-    src_cut = _stamp_stack(src, centres, stamp_half + hw, xp)
+    src_cut = xp.asarray(_stamp_stack(src, centres, stamp_half + hw, xp), dtype=xp.float64)
     conv = fft_convolve(src_cut[:, None], basis[None], xp)[..., hw:hw + S, hw:hw + S]  # (ns, nb, S, S)
-    t = _stamp_stack(tgt, centres, stamp_half, xp).reshape(ns, S * S)
-    vt = _stamp_stack(tgt_var, centres, stamp_half, xp).reshape(ns, S * S)
-    vs = _stamp_stack(src_var, centres, stamp_half, xp).reshape(ns, S * S)
+    cut = [xp.asarray(_stamp_stack(a, centres, stamp_half, xp), dtype=xp.float64).reshape(ns, S * S)
+           for a in (tgt, tgt_var, src_var)]
     off = xp.arange(-stamp_half, stamp_half + 1, dtype=xp.float64)
     cxs = xp.asarray(centres[:, 0], dtype=xp.float64)
     cys = xp.asarray(centres[:, 1], dtype=xp.float64)
     px = cxs[:, None, None] + off[None, None, :] + 0 * off[None, :, None]
     py = cys[:, None, None] + off[None, :, None] + 0 * off[None, None, :]
-    pu, pv = _norm_coords(px, py, shape)
+    pu, pv = _norm_coords(px, py, box)
     bg_cols = [b.reshape(ns, S * S) for b in poly_terms(pu, pv, bg_order)]
     D = xp.concatenate([conv.reshape(ns, nb, S * S), xp.stack(bg_cols, axis=1)], axis=1)  # (ns, nc, npix)
-    D = xp.transpose(D, (0, 2, 1))
-    nc = D.shape[-1]
-    su, sv = _norm_coords(cxs, cys, shape)
+    su, sv = _norm_coords(cxs, cys, box)
     P = xp.stack(poly_terms(su, sv, spatial_order), axis=1)  # (ns, nk)
-    nk = P.shape[1]
-    # unknowns: b0 constant; b1.. with every spatial term; background terms are per-pixel already
-    sel = [0] + [i * nk + k for i in range(1, nb) for k in range(nk)] + [(nb + j) * nk for j in range(nc - nb)]
-    sel = xp.asarray(sel)
+    return xp.ascontiguousarray(xp.transpose(D, (0, 2, 1))), cut[0], cut[1], cut[2], P
 
+
+def _solve(D, w, t, P, good, sel, xp):
+    """Coefficients (nc, nk) of the stamps flagged good (Jacobi-scaled pseudo-inverse)."""
+    nc, nk = D.shape[-1], P.shape[1]
+    gmask = xp.asarray(good)
+    Dg, wg, tg, Pg = D[gmask], w[gmask], t[gmask], P[gmask]
+    Dw = Dg * wg[:, :, None]
+    G = xp.matmul(xp.transpose(Dw, (0, 2, 1)), Dg)  # (ns, nc, nc): batched BLAS, not einsum loops
+    r = xp.einsum("spi,sp->si", Dw, tg)
+    Q = Pg[:, :, None] * Pg[:, None, :]
+    N = xp.tensordot(G, Q, axes=([0], [0]))  # (nc, nc, nk, nk)
+    N = xp.transpose(N, (0, 2, 1, 3)).reshape(nc * nk, nc * nk)
+    R = (r[:, :, None] * Pg[:, None, :]).sum(axis=0).reshape(nc * nk)
+    Ns = N[sel][:, sel]
+    d = 1.0 / xp.sqrt(xp.maximum(xp.diag(Ns), 1e-300))
+    # Gaussians times high-degree polynomials are nearly collinear: a pseudo-inverse is the safe way
+    y = xp.linalg.lstsq(Ns * d[:, None] * d[None, :], R[sel] * d, rcond=1e-12)[0]
+    coef = xp.zeros(nc * nk, dtype=xp.float64)
+    coef[sel] = y * d
+    return coef.reshape(nc, nk)
+
+
+def fit_kernel(src, tgt, src_var, tgt_var, centres, basis, *, stamp_half, spatial_order, bg_order,
+               clip_sigma, max_iter, min_stamps, box=None, xp=numpy):
+    """Least-squares kernel + background coefficients with stamp-level clipping; ``box`` is the
+    region (y0, y1, x0, x1) the spatial polynomials are scaled to (default: the whole image).
+
+    Returns (coef (nb + nbg, nk) array with unfitted combinations zero, info dict).
+    """
+    nb = basis.shape[0]
+    box = box or (0, src.shape[0], 0, src.shape[1])
+    D, t, vt, vs, P = _design(src, tgt, src_var, tgt_var, centres, basis, box, stamp_half=stamp_half,
+                              bg_order=bg_order, spatial_order=spatial_order, xp=xp)
+    nc, nk, ns = D.shape[-1], P.shape[1], len(centres)
+    # unknowns: b0 constant; b1.. with every spatial term; background terms are per-pixel already
+    sel = xp.asarray([0] + [i * nk + k for i in range(1, nb) for k in range(nk)]
+                     + [(nb + j) * nk for j in range(nc - nb)])
     good = numpy.ones(ns, bool)
-    ksq = 1.0
-    coef_full = None
-    chi2 = None
-    n_iter = 0
+    ksq, n_iter = 1.0, 0
     for n_iter in range(1, max_iter + 1):
         # the convolved source's variance is var * sum(K^2); a first guess of 1 is refined below
-        w = 1.0 / (vt + vs * ksq)
-        gmask = xp.asarray(good)
-        Dg, wg, tg, Pg = D[gmask], w[gmask], t[gmask], P[gmask]
-        G = xp.einsum("spi,sp,spj->sij", Dg, wg, Dg)
-        r = xp.einsum("spi,sp,sp->si", Dg, wg, tg)
-        Q = Pg[:, :, None] * Pg[:, None, :]
-        N = xp.tensordot(G, Q, axes=([0], [0]))  # (nc, nc, nk, nk)
-        N = xp.transpose(N, (0, 2, 1, 3)).reshape(nc * nk, nc * nk)
-        R = (r[:, :, None] * Pg[:, None, :]).sum(axis=0).reshape(nc * nk)
-        Ns = N[sel][:, sel]
-        Rs = R[sel]
-        d = 1.0 / xp.sqrt(xp.maximum(xp.diag(Ns), 1e-300))
-        # Jacobi scaling, then lstsq: Gaussians times high-degree polynomials are nearly
-        # collinear, and a pseudo-inverse is the safe way through that
-        y = xp.linalg.lstsq(Ns * d[:, None] * d[None, :], Rs * d, rcond=1e-12)[0]
-        coef = xp.zeros(nc * nk, dtype=xp.float64)
-        coef[sel] = y * d
-        coef_full = coef.reshape(nc, nk)
-        alpha = P @ coef_full.T  # (ns, nc): per-stamp effective coefficients
-        model = xp.einsum("spi,si->sp", D, alpha)
-        kern_c = xp.tensordot(coef_full[:nb, 0], basis, axes=(0, 0))
+        coef = _solve(D, 1.0 / (vt + vs * ksq), t, P, good, sel, xp)
+        model = xp.einsum("spi,si->sp", D, P @ coef.T)
+        kern_c = xp.tensordot(coef[:nb, 0], basis, axes=(0, 0))
         ksq_new = float((kern_c * kern_c).sum())
         resid = t - model
-        chi2 = to_numpy(((resid * resid) * (1.0 / (vt + vs * ksq_new))).mean(axis=1))
+        chi2 = to_numpy(((resid * resid) / (vt + vs * ksq_new)).mean(axis=1))
         g = chi2[good]
         med = numpy.median(g)
-        mad = 1.4826 * numpy.median(numpy.abs(g - med))
+        mad = NMAD * numpy.median(numpy.abs(g - med))
         bad_now = good & (chi2 > med + clip_sigma * max(mad, 0.05 * med))
         converged = not bad_now.any() and abs(ksq_new - ksq) < 1e-3 * ksq
         ksq = ksq_new
@@ -334,148 +478,225 @@ def fit_kernel(src, tgt, src_var, tgt_var, centres, basis, *, stamp_half, spatia
             break
     info = dict(chi2=float(numpy.mean(chi2[good])), n_stamps=int(good.sum()), n_stamps_rejected=int((~good).sum()),
                 n_iter=n_iter, stamp_xy=centres[good].tolist(), stamp_chi2=chi2.tolist())
-    return coef_full, info
+    return coef, info
+
+
+# ---------------------------------------------------------------------------------------------
+# One tile: stamps, fit, apply
+
+
+@dataclass
+class _Match:
+    """What every tile shares: the two frames in their roles, the basis and the settings."""
+
+    src: _Frame
+    tgt: _Frame
+    cat_src: tuple
+    cat_tgt: tuple
+    basis: object
+    hw: int
+    convolved: str
+    cfg: dict
+    shape: tuple
+    xp: object
+
+
+def _tile_stamps(m: _Match, src_bad, tgt_bad, cut, region):
+    """Stamp centres (cut coordinates) inside ``region`` of a tile's cut."""
+    cfg = m.cfg
+    bad = to_numpy(src_bad) | to_numpy(tgt_bad)
+    sat = [None if f.sat is None else f.sat - f.sky for f in (m.src, m.tgt)]
+    return choose_stamps(_in_box(m.cat_src, cut), _in_box(m.cat_tgt, cut), bad, bad.shape,
+                         stamp_half=cfg["stamp_half"], kernel_half=m.hw, snr=cfg["stamp_snr"], sat_src=sat[0],
+                         sat_tgt=sat[1], grid=cfg["stamp_grid"], max_stamps=cfg["max_stamps"], region=region)
+
+
+def _solve_tile(m: _Match, tile: Tile):
+    """Kernel and background of one tile; a tile short of stars widens its fit region until it
+    has enough (or covers the frame), as a sparse field or a masked corner needs."""
+    cfg, H, W = m.cfg, *m.shape
+    reach, margin = cfg["stamp_half"] + m.hw, 0
+    while True:
+        fit_box = _grow(tile.fit, margin, m.shape)
+        cut = _grow(fit_box, reach, m.shape)
+        src, src_var, src_bad = m.src.cut(cut)
+        tgt, tgt_var, tgt_bad = m.tgt.cut(cut)
+        region = _local(fit_box, cut)
+        centres = _tile_stamps(m, src_bad, tgt_bad, cut, region)
+        if len(centres) >= 3 * max(cfg["min_stamps"], 3) or fit_box == (0, H, 0, W):
+            break
+        margin = 2 * margin + 256
+    if len(centres) < cfg["min_stamps"]:
+        raise BadInputError(f"only {len(centres)} usable stamp stars for the tile at rows {tile.core[0]}:"
+                            f"{tile.core[1]}, columns {tile.core[2]}:{tile.core[3]} (need {cfg['min_stamps']})")
+    order = cfg["spatial_order"]
+    # each spatial order needs enough stamps to pin down its nb * nk unknowns across the tile
+    while order > 0 and len(centres) < 3 * (order + 1) * (order + 2) // 2:
+        order -= 1
+    coef, fit = fit_kernel(src, tgt, src_var, tgt_var, centres, m.basis, stamp_half=cfg["stamp_half"],
+                           spatial_order=order, bg_order=cfg["bg_order"], clip_sigma=cfg["clip_sigma"],
+                           max_iter=cfg["max_iter"], min_stamps=cfg["min_stamps"], box=region, xp=m.xp)
+    fit.update(order=order, stamp_xy=[[x + cut[2], y + cut[0]] for x, y in fit["stamp_xy"]])
+    return coef, fit, cut, region, (src, src_var, src_bad, tgt, tgt_var, tgt_bad)
+
+
+def _apply_tile(m: _Match, tile: Tile, coef, order, cut, region, arrays):
+    """(diff, noise, mask) of a tile over its apply region: sum_k P_k (K_k * src) + B, and the
+    variance tgt_var + (K^2 * src_var), the kernel's spatial change carried by sum K(x,y)^2."""
+    xp, hw, nb = m.xp, m.hw, m.basis.shape[0]
+    src, src_var, src_bad, tgt, tgt_var, tgt_bad = arrays
+    ay0, ay1, ax0, ax1 = _local(tile.apply, cut)
+    cy0, cy1, cx0, cx1 = max(ay0 - hw, 0), min(ay1 + hw, src.shape[0]), max(ax0 - hw, 0), min(ax1 + hw, src.shape[1])
+    conv_in = src[cy0:cy1, cx0:cx1]
+    fft_shape = (_fast_len(cy1 - cy0 + hw + 1), _fast_len(cx1 - cx0 + hw + 1))
+    out_hw, off = (ay1 - ay0, ax1 - ax0), (ay0 - cy0, ax0 - cx0)
+    kernels = xp.tensordot(coef[:nb].T, m.basis, axes=(1, 0)).astype(xp.float32)  # (nk, K, K)
+    u, v = _norm_coords(xp.arange(ax0, ax1, dtype=xp.float64), xp.arange(ay0, ay1, dtype=xp.float64), region)
+    f_src = _fft(xp).rfft2(conv_in, s=fft_shape)
+    model = _poly_image({e: c for e, c in zip(poly_exponents(m.cfg["bg_order"]), to_numpy(coef[nb:, 0]))}, u, v, xp)
+    for k, (i, j) in enumerate(poly_exponents(order)):
+        conv = _apply_kernel_fft(f_src, kernels[k], fft_shape, out_hw, xp, off)
+        model += conv * (v ** j)[:, None].astype(xp.float32) * (u ** i)[None, :].astype(xp.float32)
+    del f_src
+    gram = to_numpy(xp.einsum("kab,lab->kl", kernels.astype(xp.float64), kernels.astype(xp.float64)))
+    ksq = {}
+    for k, (i1, j1) in enumerate(poly_exponents(order)):
+        for l, (i2, j2) in enumerate(poly_exponents(order)):
+            ksq[(i1 + i2, j1 + j2)] = ksq.get((i1 + i2, j1 + j2), 0.0) + gram[k, l] / gram[0, 0]
+    var_conv = fft_convolve(src_var[cy0:cy1, cx0:cx1], kernels[0] ** 2, xp, fft_shape=fft_shape)
+    var = tgt_var[ay0:ay1, ax0:ax1] + xp.maximum(var_conv[off[0]:off[0] + out_hw[0], off[1]:off[1] + out_hw[1]], 0) \
+        * _poly_image(ksq, u, v, xp)
+    mask = box_dilate(src_bad[cy0:cy1, cx0:cx1], hw, xp)[off[0]:off[0] + out_hw[0], off[1]:off[1] + out_hw[1]]
+    mask |= tgt_bad[ay0:ay1, ax0:ax1]
+    ksum = float(coef[0, 0])  # b0 has unit sum and all other basis functions sum to zero
+    if not ksum > 0:
+        raise BadInputError(f"kernel sum {ksum} is not positive in the tile at rows {tile.core[0]}:{tile.core[1]}, "
+                            f"columns {tile.core[2]}:{tile.core[3]}: the images do not match")
+    tgt_a = tgt[ay0:ay1, ax0:ax1]
+    if m.convolved == "ref":
+        return (tgt_a - model) / xp.float32(ksum), xp.sqrt(var) / xp.float32(ksum), mask, kernels[0], gram[0, 0]
+    return model - tgt_a, xp.sqrt(var), mask, kernels[0], gram[0, 0]
 
 
 # ---------------------------------------------------------------------------------------------
 # The engine
 
 
-def _prepare(img, var, mask, sat, xp):
-    img = xp.asarray(img, dtype=xp.float64)
-    bad = ~xp.isfinite(img)
-    if mask is not None:
-        bad |= xp.asarray(mask).astype(bool)
-    if sat is not None:
-        bad |= img >= sat
-    sub = img[::4, ::4][~bad[::4, ::4]]
-    if sub.size < 100:
-        raise BadInputError("fewer than 100 good pixels in an input image")
-    sky = float(xp.median(sub))
-    sig = float(1.4826 * xp.median(xp.abs(sub - sky)))
-    if var is None:
-        var = xp.full(img.shape, sig * sig, dtype=xp.float64)
-    else:
-        var = xp.asarray(var, dtype=xp.float64)
-        bad |= ~xp.isfinite(var) | (var <= 0)
-    img = xp.where(bad, 0.0, img - sky)
-    var = xp.where(bad, 0.0, var)
-    return img, var, bad, sky
+def _settings(settings):
+    unknown = set(settings) - set(DEFAULTS)
+    if unknown:
+        raise ConfigError(f"unknown native subtraction settings: {sorted(unknown)}")
+    cfg = {**DEFAULTS, **settings}
+    for key in ("new", "ref"):
+        if cfg[f"{key}_saturation"] is None:
+            cfg[f"{key}_saturation"] = cfg["saturation"]
+    return cfg
+
+
+class _Mosaic:
+    """The frame-sized outputs, filled tile by tile: weighted sums in the overlaps, the mask from
+    each tile's core (it does not depend on the tile's solution)."""
+
+    def __init__(self, shape, xp):
+        self.diff = xp.zeros(shape, dtype=xp.float32)
+        self.noise = xp.zeros(shape, dtype=xp.float32)
+        self.mask = xp.zeros(shape, dtype=bool)
+        self.xp, self.lock = xp, threading.Lock()
+
+    def add(self, tile: Tile, diff, noise, mask):
+        y0, y1, x0, x1 = tile.apply
+        w = self.xp.asarray(tile.wy)[:, None] * self.xp.asarray(tile.wx)[None, :]
+        a, b, c, d = tile.core
+        with self.lock:
+            self.diff[y0:y1, x0:x1] += w * diff
+            self.noise[y0:y1, x0:x1] += w * noise
+            self.mask[a:b, c:d] = mask[a - y0:b - y0, c - x0:d - x0]
+
+    def finish(self, hw: int):
+        xp = self.xp
+        for sl in (numpy.s_[:hw, :], numpy.s_[-hw:, :], numpy.s_[:, :hw], numpy.s_[:, -hw:]):
+            self.mask[sl] = True  # edges where the convolution is partial
+        self.diff[self.mask] = 0.0
+        self.noise[~(self.noise > 0)] = xp.inf
+        return self.diff, self.noise, self.mask
+
+
+def _setup(new, ref, new_var, ref_var, new_mask, ref_mask, cfg, xp, pool, tiles):
+    frames = {"new": _Frame(new, new_var, new_mask, cfg["new_saturation"], xp),
+              "ref": _Frame(ref, ref_var, ref_mask, cfg["ref_saturation"], xp)}
+    stars = {k: _stars(f, tiles, new.shape, pool) for k, f in frames.items()}
+    fw = {k: cfg[f"{k}_fwhm"] or stars[k][1] for k in frames}
+    if fw["new"] is None or fw["ref"] is None:
+        raise BadInputError("too few stars to measure the seeing of both images")
+    convolved = direction(fw["new"], fw["ref"], cfg["convolve"])
+    target = "new" if convolved == "ref" else "ref"
+    sigmas = matching_sigmas(fw[convolved], fw[target], cfg["gauss_sigmas"])
+    hw = kernel_half_width(sigmas, cfg["kernel_half"])
+    basis = kernel_basis(sigmas, tuple(cfg["gauss_degrees"]), hw, xp)
+    m = _Match(src=frames[convolved], tgt=frames[target], cat_src=stars[convolved][0], cat_tgt=stars[target][0],
+               basis=basis, hw=hw, convolved=convolved, cfg=cfg, shape=new.shape, xp=xp)
+    return m, fw, sigmas
+
+
+class _Serial:
+    """The executor interface without threads: one tile (or a GPU) gains nothing from a pool."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def map(fn, items):
+        return map(fn, items)
 
 
 def subtract_native(new, ref, *, new_var=None, ref_var=None, new_mask=None, ref_mask=None, xp=numpy,
                     **settings):
-    from gppy_stage.science.subtract import SubtractionResult
+    cfg = _settings(settings)
+    tiles = make_tiles(new.shape, cfg["tile"], cfg["tile_overlap"], cfg["tile_margin"])
+    n_threads = min(max(1, int(cfg["threads"])) if xp is numpy else 1, len(tiles))
+    with (ThreadPoolExecutor(max_workers=n_threads) if n_threads > 1 else _Serial()) as pool:
+        m, fw, sigmas = _setup(new, ref, new_var, ref_var, new_mask, ref_mask, cfg, xp, pool, tiles)
+        out = _Mosaic(new.shape, xp)
 
-    unknown = set(settings) - set(DEFAULTS)
-    if unknown:
-        from gppy_stage.errors import ConfigError
+        def one(tile):
+            coef, fit, cut, region, arrays = _solve_tile(m, tile)
+            d, n, k, kern, ksq = _apply_tile(m, tile, coef, fit["order"], cut, region, arrays)
+            out.add(tile, d, n, k)
+            return dict(fit, sum=float(coef[0, 0]), kernel=to_numpy(kern), kernel_sq_sum=float(ksq),
+                        bg=[float(c) for c in to_numpy(coef[basis_n(m):, 0])])
 
-        raise ConfigError(f"unknown native subtraction settings: {sorted(unknown)}")
-    cfg = {**DEFAULTS, **settings}
-    sat_new = cfg["new_saturation"] if cfg["new_saturation"] is not None else cfg["saturation"]
-    sat_ref = cfg["ref_saturation"] if cfg["ref_saturation"] is not None else cfg["saturation"]
-    n_img, n_var, n_bad, n_sky = _prepare(new, new_var, new_mask, sat_new, xp)
-    r_img, r_var, r_bad, r_sky = _prepare(ref, ref_var, ref_mask, sat_ref, xp)
-    shape = n_img.shape
+        solved = list(pool.map(one, tiles))
+    diff, noise, mask = out.finish(m.hw)
+    return SubtractionResult(diff=diff, noise=noise, mask=mask, convolved=m.convolved,
+                             kernel_info=_kernel_info(m, solved, tiles, fw, sigmas))
 
-    h_new, h_ref = to_numpy(n_img), to_numpy(r_img)
-    h_nbad, h_rbad = to_numpy(n_bad), to_numpy(r_bad)
-    o_new = find_stars(h_new, to_numpy(n_var) + h_nbad, h_nbad)
-    o_ref = find_stars(h_ref, to_numpy(r_var) + h_rbad, h_rbad)
-    fw_new = cfg["new_fwhm"] or _fwhm_from(o_new, h_new)
-    fw_ref = cfg["ref_fwhm"] or _fwhm_from(o_ref, h_ref)
-    if fw_new is None or fw_ref is None:
-        raise BadInputError("too few stars to measure the seeing of both images")
-    convolved = cfg["convolve"] or ("ref" if fw_ref <= fw_new else "new")
-    if convolved == "ref":
-        src, src_var, src_bad, o_src, sat_src = r_img, r_var, r_bad, o_ref, sat_ref
-        tgt, tgt_var, tgt_bad, o_tgt, sat_tgt = n_img, n_var, n_bad, o_new, sat_new
-        fw_src, fw_tgt = fw_ref, fw_new
-    else:
-        src, src_var, src_bad, o_src, sat_src = n_img, n_var, n_bad, o_new, sat_new
-        tgt, tgt_var, tgt_bad, o_tgt, sat_tgt = r_img, r_var, r_bad, o_ref, sat_ref
-        fw_src, fw_tgt = fw_new, fw_ref
-    sky_sub = {"new": n_sky, "ref": r_sky}
 
-    s_match = math.sqrt(max((fw_tgt * SIGMA_PER_FWHM) ** 2 - (fw_src * SIGMA_PER_FWHM) ** 2, 0.5**2))
-    sigmas = tuple(cfg["gauss_sigmas"] or (max(0.5 * s_match, 0.6), max(s_match, 0.9), max(2.0 * s_match, 1.5)))
-    degrees = tuple(cfg["gauss_degrees"])
-    hw = int(cfg["kernel_half"] or min(max(math.ceil(3.0 * max(sigmas)), 5), 25))
-    basis = kernel_basis(sigmas, degrees, hw, xp)
+def basis_n(m: _Match) -> int:
+    return int(m.basis.shape[0])
 
-    centres = choose_stamps(o_src, o_tgt, h_nbad | h_rbad, shape, stamp_half=cfg["stamp_half"], kernel_half=hw,
-                            snr=cfg["stamp_snr"], sat_src=None if sat_src is None else sat_src - sky_sub[convolved],
-                            sat_tgt=None if sat_tgt is None else sat_tgt - sky_sub["new" if convolved == "ref" else "ref"],
-                            grid=cfg["stamp_grid"], max_stamps=cfg["max_stamps"])
-    spatial_order = cfg["spatial_order"]
-    nb = basis.shape[0]
-    # each spatial order needs enough stamps to pin down its nb * nk unknowns across the field
-    while spatial_order > 0 and len(centres) < 3 * (spatial_order + 1) * (spatial_order + 2) // 2:
-        spatial_order -= 1
-    if len(centres) < cfg["min_stamps"]:
-        raise BadInputError(f"only {len(centres)} usable stamp stars (need {cfg['min_stamps']})")
-    coef, fit = fit_kernel(src, tgt, src_var, tgt_var, centres, basis, stamp_half=cfg["stamp_half"],
-                           spatial_order=spatial_order, bg_order=cfg["bg_order"], clip_sigma=cfg["clip_sigma"],
-                           max_iter=cfg["max_iter"], min_stamps=cfg["min_stamps"], xp=xp)
 
-    # ---- apply: sum_k P_k(x, y) (K_k * src) + B(x, y)
-    kernels = xp.tensordot(coef[:nb].T, basis, axes=(1, 0))  # (nk, K, K)
-    nk = kernels.shape[0]
-    H, W = shape
-    fft_shape = (_fast_len(H + hw + 1), _fast_len(W + hw + 1))
-    f_src = xp.fft.rfft2(src, s=fft_shape)
-    yy = xp.arange(H, dtype=xp.float64)[:, None]
-    xx = xp.arange(W, dtype=xp.float64)[None, :]
-    u, v = _norm_coords(xx, yy, shape)
-    model = xp.zeros(shape, dtype=xp.float64)
-    for k, pk in enumerate(poly_terms(u, v, spatial_order)):
-        model += pk * _apply_kernel_fft(f_src, kernels[k], fft_shape, shape, xp)
-    del f_src
-    for j, pj in enumerate(poly_terms(u, v, cfg["bg_order"])):
-        model += float(coef[nb + j, 0]) * pj
-    ksum = float(coef[0, 0])  # b0 has unit sum and all other basis functions sum to zero
-    if not ksum > 0:
-        raise BadInputError(f"kernel sum {ksum} is not positive: the images do not match")
-
-    # ---- noise: var_tgt + var_src * K^2. The convolution uses the central kernel; its
-    # spatial change is carried by sum K(x,y)^2 (exact on a flat-variance sky)
-    gram = xp.einsum("kab,lab->kl", kernels, kernels)
-    ksq_c = float(gram[0, 0])
-    terms = poly_terms(u, v, spatial_order)
-    ksq_map = xp.zeros(shape, dtype=xp.float64)
-    for k in range(nk):
-        for l in range(nk):
-            ksq_map += float(gram[k, l]) * (terms[k] * terms[l])
-    var_conv = fft_convolve(src_var, kernels[0] ** 2, xp, fft_shape=fft_shape)
-    var_conv = xp.maximum(var_conv, 0.0) * (ksq_map / ksq_c)
-    var = tgt_var + var_conv
-
-    mask = box_dilate(src_bad, hw, xp) | tgt_bad
-    border = xp.zeros(shape, dtype=bool)
-    border[:hw, :] = True
-    border[-hw:, :] = True
-    border[:, :hw] = True
-    border[:, -hw:] = True
-    mask |= border
-
-    if convolved == "ref":
-        diff = (tgt - model) / ksum
-        noise = xp.sqrt(var) / ksum
-        flux_scale = ksum
-    else:
-        diff = model - tgt
-        noise = xp.sqrt(var)
-        flux_scale = 1.0 / ksum
-    diff = xp.where(mask, 0.0, diff)
-    noise = xp.where(noise > 0, noise, xp.inf)
-
-    kernel_info = dict(
-        engine="native", sum=ksum, flux_scale=flux_scale, chi2=fit["chi2"], n_stamps=fit["n_stamps"],
-        n_stamps_rejected=fit["n_stamps_rejected"], n_iter=fit["n_iter"], stamp_xy=fit["stamp_xy"],
-        fwhm_new=float(fw_new), fwhm_ref=float(fw_ref), gauss_sigmas=list(sigmas), gauss_degrees=list(degrees),
-        half_width=hw, stamp_half=cfg["stamp_half"], spatial_order=spatial_order, bg_order=cfg["bg_order"],
-        n_basis=int(nb), kernel=to_numpy(kernels[0]), kernel_sq_sum=ksq_c,
-        bg_coeffs=[float(c) for c in to_numpy(coef[nb:, 0])], sky_new=n_sky, sky_ref=r_sky,
+def _kernel_info(m: _Match, fits, tiles, fw, sigmas):
+    """One description of the whole frame: the flux scale is the stamp-weighted mean of the tiles'
+    (a transparency change is one number), the kernel the one at the centre of the central tile."""
+    sums = numpy.array([f["sum"] for f in fits])
+    n = numpy.array([f["n_stamps"] for f in fits], float)
+    ksum = float(numpy.sum(sums * n) / n.sum())
+    H, W = m.shape
+    centre = min(range(len(tiles)), key=lambda i: (sum(tiles[i].core[:2]) / 2 - H / 2) ** 2
+                 + (sum(tiles[i].core[2:]) / 2 - W / 2) ** 2)
+    c = fits[centre]
+    return dict(
+        engine="native", sum=ksum, flux_scale=ksum if m.convolved == "ref" else 1.0 / ksum,
+        chi2=float(numpy.sum([f["chi2"] * f["n_stamps"] for f in fits]) / n.sum()), n_stamps=int(n.sum()),
+        n_stamps_rejected=int(sum(f["n_stamps_rejected"] for f in fits)), n_iter=max(f["n_iter"] for f in fits),
+        stamp_xy=[xy for f in fits for xy in f["stamp_xy"]], fwhm_new=float(fw["new"]), fwhm_ref=float(fw["ref"]),
+        gauss_sigmas=list(sigmas), gauss_degrees=list(m.cfg["gauss_degrees"]), half_width=m.hw,
+        stamp_half=m.cfg["stamp_half"], spatial_order=min(f["order"] for f in fits), bg_order=m.cfg["bg_order"],
+        n_basis=basis_n(m), kernel=c["kernel"].astype(numpy.float64), kernel_sq_sum=c["kernel_sq_sum"],
+        bg_coeffs=c["bg"], sky_new=(m.src if m.convolved == "new" else m.tgt).sky,
+        sky_ref=(m.src if m.convolved == "ref" else m.tgt).sky, n_tiles=len(tiles),
+        tile_sums=[float(s) for s in sums], tile_cores=[list(t.core) for t in tiles],
     )
-    return SubtractionResult(diff=diff, noise=noise, mask=mask, convolved=convolved, kernel_info=kernel_info)
