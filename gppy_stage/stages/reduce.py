@@ -104,16 +104,19 @@ def run(ctx: Night, frame: str) -> dict:
         exptime=exptime, flat=xp.asarray(flat), gain=gain, rdnoise=reg.rdnoise, saturation=reg.saturation,
         bad_flat=(cfg["bad_flat_low"], cfg["bad_flat_high"]), hot_dark_rate=cfg["hot_dark_rate"], xp=xp,
     )
-    data, variance, mask = to_numpy(cal.data), to_numpy(cal.variance), to_numpy(cal.mask)
-    del cal, pixels, bias, dark, flat  # 61-Mpix frames: keep only what is written
+    del pixels, bias, dark, flat  # 61-Mpix frames: keep only what is written
+    data, mask = cal.data, cal.mask
     ncr = 0
-    if cfg["cosmic_rays"]["enabled"]:
+    if cfg["cosmic_rays"]["enabled"]:  # on the device the frame is on: no round trip for the GPU
         cr = cfg["cosmic_rays"]
         data, crmask = remove_cosmic_rays(data, mask, gain=gain, rdnoise=reg.rdnoise, saturation=reg.saturation,
                                           sigclip=cr["sigclip"], sigfrac=cr["sigfrac"], objlim=cr["objlim"],
-                                          niter=cr["niter"])
-        mask = mask | (crmask.astype(np.uint8) * MASK_BITS["COSMIC_RAY"])
+                                          niter=cr["niter"], xp=xp)
+        mask |= crmask.astype(xp.uint8) * xp.uint8(MASK_BITS["COSMIC_RAY"])
         ncr = int(crmask.sum())
+        del crmask
+    data, variance, mask = to_numpy(data), to_numpy(cal.variance), to_numpy(mask)
+    del cal
     header["BUNIT"] = ("ADU", "bias, dark and flat corrected")
     header["EGAIN"] = (gain, "e-/ADU")
     header["RDNOISE"] = (reg.rdnoise, "read noise (e-)")
