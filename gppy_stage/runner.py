@@ -18,7 +18,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
-from . import errors, graph, log
+from . import errors, graph, log, scratch
 from .stages.base import Night, utcnow
 
 _log = log.get("runner")
@@ -35,7 +35,10 @@ def execute(stage_name: str, root: str, unit: str, night: str, item: str | None 
     t0 = time.perf_counter()
     record = {"stage": stage_name, "item": item, "unit": unit, "night": night, "started": utcnow()}
     try:
-        result = stage.function()(ctx, item, **extra) if item is not None else stage.function()(ctx, **extra)
+        # every temporary file of the stage (the tools' folders, downloads) lands in a folder of
+        # this invocation's own, which the next invocation removes if this one is killed
+        with scratch.invocation(stage_name):
+            result = stage.function()(ctx, item, **extra) if item is not None else stage.function()(ctx, **extra)
         record.update(status="skipped" if result.get("skipped") else "done", exit_code=errors.OK, result=result)
     except Exception as exc:  # typed errors become statuses; anything else is a bug, still reported
         code = errors.exit_code_for(exc)
@@ -118,10 +121,26 @@ class NightReport:
             "frames_out": len(done),
             "calsets": len(plan["calsets"]), "stacks": len(plan["stacks"]),
             "quarantined": quarantined, "failed": failed, "warnings": plan["warnings"],
+            "exit_code": night_exit_code(failed),
             "frames": frames,
             "timing": {k: {"count": len(v), "total_s": round(sum(v), 2), "max_s": round(max(v), 2)} for k, v in timing.items()},
             "records": self.records,
         }
+
+
+# when failures differ, the one an operator must act on first: a bug, then a configuration, then
+# a tool; a night whose only failures were retriable is retriable as a whole
+_SEVERITY = (errors.BUG, errors.CONFIG, errors.TOOL_FAILURE, errors.RETRIABLE)
+
+
+def night_exit_code(failed: list[dict]) -> int:
+    """The exit code of a night run: 0 when nothing failed (a clean quarantine is not a failure),
+    else the most severe code among the failed stage runs."""
+    codes = {f["exit_code"] for f in failed}
+    for code in _SEVERITY:
+        if code in codes:
+            return code
+    return max(codes) if codes else errors.OK
 
 
 def _progress(total: int, desc: str):
@@ -147,7 +166,9 @@ def run_night(root: str, unit: str, night: str | None = None, *, force: bool = F
     report.records.append(plan_record)
     if plan_record["status"] != "done":
         _exit_handlers(report, root, unit, night, force, "Failed")
-        failure = errors.GppyError(f"planning {unit} {night} failed: {plan_record['error']['reason']}")
+        error = plan_record["error"]
+        cause = f"{error['file']}: {error['reason']}" if error.get("file") else error["reason"]
+        failure = errors.GppyError(f"planning {unit} {night} failed: {cause}")
         failure.exit_code = plan_record["exit_code"]  # a retriable plan stays retriable for cron or Argo
         raise failure
     ctx = Night(root=root, unit=unit, night=night)
@@ -249,6 +270,9 @@ def summary_text(report: dict) -> str:
                          f"{_num(c['magerr'], 7, 3)}{_num(c['snr'], 7, 1)}{_num(c['score'], 7, 2)}  "
                          f"{c.get('stamp', '-')}")
         lines.append(f"  night report: {report['report_md']}")
+    if report["failed"]:
+        lines.append(f"  {len(report['failed'])} stage run(s) failed: exit {report['exit_code']}"
+                     + (" (retriable: run the night again)" if report["exit_code"] == errors.RETRIABLE else ""))
     lines.append("  time per stage:")
     lines.append(f"    {'stage':<14}{'runs':>6}{'total s':>10}{'max s':>9}")
     for name, t in report["timing"].items():

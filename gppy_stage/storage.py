@@ -9,21 +9,32 @@ Guarantees:
   an S3 put is atomic by itself. Nothing half-written is ever visible under the final name.
 - raw data is read-only: any write under an ``obsdata/`` prefix is refused unless the caller
   says ``allow_raw=True`` (only the simulator and tests do).
+- keys stay under their root: ``join`` refuses a part with a ``..`` segment (names built from
+  headers go through it), and an S3 key written must have no ``..`` segment and no leading ``/``.
+- local products get the permissions the umask allows, like any other program's files.
+- an S3 body cut short or failing its checksum is read again (a few times, with backoff) and its
+  length checked against ContentLength; a fault that outlasts that is retriable (exit 75).
+- a write refused by the file system (read-only, permission denied) is a configuration error
+  naming the path (exit 78); a full disk or an I/O error is retriable (exit 75).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
+import random
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
+from . import scratch
 from .errors import BadInputError, ConfigError, RetriableError
 
 
@@ -58,12 +69,19 @@ def _split_s3(url: str) -> tuple[str, str]:
 
 
 def join(root: str, *parts: str) -> str:
-    """``join("s3://b/p", "obsdata", "7DT01")`` -> ``s3://b/p/obsdata/7DT01`` (local paths alike)."""
+    """``join("s3://b/p", "obsdata", "7DT01")`` -> ``s3://b/p/obsdata/7DT01`` (local paths alike).
+
+    The result is always under ``root``: parts are keys, never paths, so a ``..`` segment (or a
+    NUL byte) in any of them is refused, whatever built it (a header value, a plan entry)."""
     root = str(root)
-    tail = "/".join(str(p).strip("/") for p in parts if str(p).strip("/"))
-    if not tail:
+    segments = [seg for p in parts for seg in str(p).split("/") if seg]
+    bad = [seg for seg in segments if seg == ".." or "\0" in seg]
+    if bad:
+        key = "/".join(str(p) for p in parts)
+        raise BadInputError(f"refusing the key {key!r}: it would leave the storage root {root}", path=key)
+    if not segments:
         return root
-    return root.rstrip("/") + "/" + tail
+    return root.rstrip("/") + "/" + "/".join(segments)
 
 
 def basename(url: str) -> str:
@@ -73,6 +91,17 @@ def basename(url: str) -> str:
 def _guard_raw(url: str, allow_raw: bool) -> None:
     if not allow_raw and "/obsdata/" in "/" + str(url).replace("\\", "/"):
         raise ConfigError(f"refusing to write under obsdata/ (raw data is read-only): {url}")
+    _guard_key(url)
+
+
+def _guard_key(url: str) -> None:
+    """An S3 key written must be a plain key: one that a sync to disk cannot turn into a path
+    outside the bucket's folder. (Local keys are checked where they are built, in ``join``.)"""
+    if not is_s3(url):
+        return
+    key = urlparse(url).path[1:]
+    if key.startswith("/") or ".." in key.split("/") or "\0" in key:
+        raise BadInputError(f"refusing to write the S3 key {key!r}: a leading '/' or a '..' segment", path=url)
 
 
 # --- S3 -----------------------------------------------------------------------------------
@@ -88,11 +117,13 @@ def _client():
         from botocore.config import Config
 
         endpoint = os.environ.get("GPPY_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL") or None
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            config=Config(retries={"max_attempts": int(os.environ.get("GPPY_S3_RETRIES", "5")), "mode": "standard"}, s3={"addressing_style": "path"}),
-        )
+        # bounded: an endpoint gone for good costs at most ~attempts x (connect + backoff), and
+        # a stalled transfer is cut after the read timeout rather than hanging the pod
+        config = Config(retries={"max_attempts": int(os.environ.get("GPPY_S3_RETRIES", "5")), "mode": "standard"},
+                        connect_timeout=float(os.environ.get("GPPY_S3_CONNECT_TIMEOUT", "5")),
+                        read_timeout=float(os.environ.get("GPPY_S3_READ_TIMEOUT", "60")),
+                        s3={"addressing_style": "path"})
+        client = boto3.client("s3", endpoint_url=endpoint, config=config)
         _local.client = client
     return client
 
@@ -102,16 +133,61 @@ def _retriable_types():
     from botocore.exceptions import ConnectionError as BotoConnectionError
     from botocore.exceptions import (
         EndpointConnectionError,
+        FlexibleChecksumError,
         HTTPClientError,
         IncompleteReadError,
         ReadTimeoutError,
     )
     from s3transfer.exceptions import RetriesExceededError
 
-    # HTTPClientError covers a connection closed or a body cut mid-stream; s3transfer gives up
-    # with RetriesExceededError after its own retries: all are the network's, not the data's
+    # HTTPClientError covers a connection closed or a body cut mid-stream (ResponseStreamingError);
+    # a body failing its checksum was damaged on the way; s3transfer gives up with
+    # RetriesExceededError after its own retries: all are the network's, not the data's
     return (BotoConnectionError, EndpointConnectionError, ReadTimeoutError, HTTPClientError, IncompleteReadError,
-            RetriesExceededError, ConnectionError, TimeoutError)
+            FlexibleChecksumError, RetriesExceededError, ConnectionError, TimeoutError)
+
+
+@functools.lru_cache(maxsize=1)
+def _body_faults():
+    """What a damaged or cut response body raises while it is read (after the request succeeded)."""
+    from botocore.exceptions import FlexibleChecksumError, IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+    return (ResponseStreamingError, IncompleteReadError, FlexibleChecksumError, ReadTimeoutError, ConnectionError,
+            TimeoutError, _ShortBody)
+
+
+class _ShortBody(Exception):
+    """A body shorter (or longer) than its ContentLength."""
+
+
+def _read_attempts() -> int:
+    return max(1, int(os.environ.get("GPPY_S3_READ_ATTEMPTS", "4")))
+
+
+def _backoff(attempt: int) -> None:
+    # full jitter, capped: pods retrying together do not hammer the store in step
+    time.sleep(random.uniform(0, min(2.0, 0.1 * 2 ** attempt)))
+
+
+def _get_body(url: str, **kwargs) -> bytes:
+    """An object's body (or a range of it), read again when it arrives cut or damaged."""
+    bucket, key = _split_s3(url)
+    attempts = _read_attempts()
+    for attempt in range(attempts):
+        with _s3_errors(url):
+            response = _client().get_object(Bucket=bucket, Key=key, **kwargs)
+            try:
+                body = response["Body"].read()
+                expected = response.get("ContentLength")
+                if expected is not None and len(body) != expected:
+                    raise _ShortBody(f"{len(body)} of {expected} bytes")
+                return body
+            except _body_faults() as exc:
+                if attempt == attempts - 1:
+                    raise RetriableError(f"the object store's response stayed damaged after {attempts} reads "
+                                         f"({type(exc).__name__}: {exc})", path=url) from exc
+        _backoff(attempt)
+    raise AssertionError("unreachable")
 
 
 def _s3_error(exc: Exception, url: str) -> Exception:
@@ -175,7 +251,7 @@ def list_objects(prefix: str, recursive: bool = True) -> list[ObjectInfo]:
     if not base.is_dir():
         return []
     for p in base.rglob("*") if recursive else base.iterdir():
-        if p.is_file() and not p.name.startswith(".gppy-tmp-"):
+        if p.is_file() and not p.name.startswith(TMP_PREFIX):
             st = p.stat()
             out.append(ObjectInfo(str(p), p.relative_to(base).as_posix(), st.st_size, st.st_mtime))
     return sorted(out, key=lambda o: o.key)
@@ -207,9 +283,7 @@ def exists(url: str) -> bool:
 def get_bytes(url: str) -> bytes:
     url = str(url)
     if is_s3(url):
-        bucket, key = _split_s3(url)
-        with _s3_errors(url):
-            return _client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        return _get_body(url)
     try:
         return _local_path(url).read_bytes()
     except FileNotFoundError:
@@ -220,9 +294,7 @@ def get_head(url: str, nbytes: int) -> bytes:
     """The first ``nbytes`` of an object (a FITS header without downloading the pixels)."""
     url = str(url)
     if is_s3(url):
-        bucket, key = _split_s3(url)
-        with _s3_errors(url):
-            return _client().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{nbytes - 1}")["Body"].read()
+        return _get_body(url, Range=f"bytes=0-{nbytes - 1}")
     try:
         with open(_local_path(url), "rb") as fh:
             return fh.read(nbytes)
@@ -236,9 +308,18 @@ def get_file(url: str, dest: str | Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if is_s3(url):
         bucket, key = _split_s3(url)
-        with _s3_errors(url):
-            _client().download_file(bucket, key, str(dest))
-        return dest
+        attempts = _read_attempts()
+        for attempt in range(attempts):
+            try:
+                with _s3_errors(url):
+                    _client().download_file(bucket, key, str(dest))
+                return dest
+            except RetriableError:
+                # s3transfer retries a cut stream itself; this also covers a checksum failure
+                # and a transfer that gave up, a few times more
+                if attempt == attempts - 1:
+                    raise
+            _backoff(attempt)
     try:
         shutil.copyfile(_local_path(url), dest)
     except FileNotFoundError:
@@ -268,19 +349,14 @@ def put_bytes(url: str, data: bytes, *, allow_raw: bool = False) -> None:
         with _s3_errors(url):
             _client().put_object(Bucket=bucket, Key=key, Body=data)
         return
-    path = _local_path(url)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".gppy-tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+
+    _put_local(url, write)
 
 
 def put_file(src: str | Path, url: str, *, allow_raw: bool = False) -> None:
@@ -292,17 +368,69 @@ def put_file(src: str | Path, url: str, *, allow_raw: bool = False) -> None:
         with _s3_errors(url):
             _client().upload_file(str(src), bucket, key)
         return
+    _put_local(url, lambda tmp: shutil.copyfile(src, tmp))
+
+
+TMP_PREFIX = ".gppy-tmp-"
+_swept: set[str] = set()
+
+
+def _put_local(url: str, write) -> None:
+    """Write a local file whole or not at all: a temporary file beside it, then a rename.
+
+    The temporary name carries its writer's identity, so the first put of a process into a
+    folder removes what writers killed earlier (SIGKILL, a lost node) left there."""
     path = _local_path(url)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".gppy-tmp-", dir=path.parent)
-    os.close(fd)
     try:
-        shutil.copyfile(src, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_dead_temporaries(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{scratch.owner()}.", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _write_error(exc, url) from None
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; products follow the umask
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _write_error(exc, url) from None
         raise
+
+
+def _sweep_dead_temporaries(folder: Path) -> None:
+    if str(folder) in _swept:
+        return
+    _swept.add(str(folder))
+    for entry in folder.glob(TMP_PREFIX + "*"):
+        if scratch.owner_is_dead(entry.name[len(TMP_PREFIX):]):
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+
+
+_umask_lock = threading.Lock()
+
+
+def _umask() -> int:
+    with contextlib.suppress(OSError, ValueError):  # Linux says it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    with _umask_lock:  # elsewhere the only way to read the umask is to set it; put it straight back
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def _write_error(exc: OSError, url: str) -> Exception:
+    """A write the file system refused, typed: for good (78) or for now (75); else unchanged (a bug)."""
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return ConfigError(f"cannot write here ({exc.strerror}): the output root must be writable", path=url)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ESTALE):
+        return RetriableError(f"cannot write here for now ({exc.strerror})", path=url)
+    return exc
 
 
 def copy(src: str, dst: str, *, allow_raw: bool = False) -> None:
