@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -19,6 +20,7 @@ from .. import __version__, config, library, log, storage
 from ..errors import BadInputError
 from ..fitsio import RawFrame, open_raw, put_hdul, read_hdul
 from ..headers import normalise
+from ..science import frame_qa
 from ..science.combine import clipped_stats, sigma_clipped_median
 from ..xp import device_name, get_xp, to_numpy
 from .base import Night, Timer, input_hash, is_done, product_identity, write_sidecar
@@ -152,11 +154,13 @@ class _Masters:
         bias = self._load(support["zero"]) if "zero" in support else None
         dark = self._load(support["dark"]) if "dark" in support else None
         with contextlib.ExitStack() as stack:
-            frames = [stack.enter_context(open_raw(ctx.url(k))) for k in entry["frames"]]
-            scales, levels = [1.0] * len(frames), None
+            opened = [stack.enter_context(open_raw(ctx.url(k))) for k in entry["frames"]]
+            kept, levels, rejected = self._screen(kind, entry["frames"], opened, bias, dark,
+                                                  support.get("dark_exptime"))
+            frames = [opened[entry["frames"].index(k)] for k in kept]
             exptimes = [_exptime(f) for f in frames]  # once, not for every chunk
-            if kind == "flat":
-                scales, levels = self._flat_levels(frames, bias, dark, support.get("dark_exptime"))
+            scales = levels if kind == "flat" else [1.0] * len(frames)
+            levels = [round(lv, 1) for lv in levels] if kind == "flat" else None
 
             def prepare(rows, start, stop, i):
                 if bias is not None:
@@ -187,34 +191,70 @@ class _Masters:
             for name, key in (("zero", "MASTBIAS"), ("dark", "MASTDARK")):
                 if name in support:
                     extra[key] = storage.basename(support[name])
-            header = _header(kind, cs, entry["frames"], frames, qa, extra)
+            header = _header(kind, cs, kept, frames, qa, extra)
             header["NMINUSED"] = (fewest, "fewest frames kept at any pixel after clipping")
+            header["NREJECT"] = (len(rejected), "inputs rejected by per-frame QA (REJnnn)")
+            for i, rej in enumerate(rejected):
+                header[f"REJ{i + 1:03d}"] = (storage.basename(rej["file"]), rej["reason"][:40])
             mjd = float(header["MJD"])
         put_hdul(url, fits.HDUList([fits.PrimaryHDU(image.astype(np.float32), header)]))
         write_sidecar(url, work, kind=kind, unit=cs["unit"], night=cs["night"], calset=cs["id"], mjd=mjd,
                       binning=cs["binning"], gain=cs["gain"], camera=cs["camera"], exptime=entry.get("exptime", 0.0 if kind == "zero" else None),
-                      filter=entry.get("filter"), qa=qa, inputs=entry["frames"], support=support,
+                      filter=entry.get("filter"), qa=qa, inputs=kept, rejected=rejected, support=support,
                       device=device_name(self.xp))
         log.event(_log, "master made", master=output, verdict=qa["verdict"], ncombine=len(frames),
                   median=qa["clipped_median"], std=qa["clipped_std"], seconds=timer.seconds)
         return {"kind": kind, "output": output, "verdict": qa["verdict"], "reasons": qa["reasons"],
-                "ncombine": len(frames), "seconds": timer.seconds}
+                "ncombine": len(frames), "rejected": rejected, "seconds": timer.seconds}
 
-    def _flat_levels(self, frames, bias, dark, dark_exptime):
-        """Each flat's level (median after bias/dark), from a sparse grid of pixels."""
-        levels = []
-        for f in frames:
-            step = 8 if f.shape[0] * f.shape[1] < 4e6 else 32
+    def _screen(self, kind: str, keys: list[str], frames: list[RawFrame], bias, dark, dark_exptime):
+        """Judge each input on its own (science/frame_qa.py) and keep the good ones. Returns the
+        keys kept, their levels (flats: median after bias/dark, the scale each is divided by)
+        and the rejected ones by name with the reason. Too few left: no master, and why."""
+        reg, qa = config.instrument(self.calset["unit"]), self.cfg["qa"]
+        kept, levels, rejected = [], [], []
+        for key, f in zip(keys, frames):
+            step = frame_qa.grid_step(f.shape)
             sample = np.stack([f.rows(r, r + 1)[0, ::step] for r in range(0, f.shape[0], step)])
-            if bias is not None:
-                sample -= bias[::step, ::step]
-            if dark is not None and dark_exptime:
-                sample -= dark[::step, ::step] * (_exptime(f) / dark_exptime)
-            level = float(np.nanmedian(sample))
-            if not level > 0:
-                raise BadInputError(f"flat level is {level:.1f} ADU after bias subtraction", path=f.url)
+            stats = frame_qa.sample_stats(sample)
+            gain = float(f.header.get("EGAIN", reg.gain))
+            level = None
+            if kind == "zero":
+                reasons = frame_qa.bias_reasons(stats, bias_min=reg.bias_min, bias_max=reg.bias_max,
+                                                rdnoise_e=reg.rdnoise, gain=gain, qa=qa)
+            elif kind == "dark":
+                reasons = frame_qa.dark_reasons(stats, exptime=_exptime(f), bias_min=reg.bias_min,
+                                                bias_max=reg.bias_max, rdnoise_e=reg.rdnoise, gain=gain,
+                                                dark_e_per_s=reg.dark, qa=qa)
+            else:
+                if bias is not None:
+                    sample -= bias[::step, ::step]
+                if dark is not None and dark_exptime:
+                    sample -= dark[::step, ::step] * (_exptime(f) / dark_exptime)
+                with np.errstate(all="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN flat: its reason says so
+                    level = float(np.nanmedian(sample))
+                reasons = frame_qa.flat_reasons(stats, level, qa)
+            if reasons:
+                rejected.append({"file": key, "reason": "; ".join(reasons), **stats})
+                log.event(_log, "input frame rejected", level=30, file=storage.basename(f.url),
+                          reason="; ".join(reasons))
+                continue
+            kept.append(key)
             levels.append(level)
-        return levels, [round(lv, 1) for lv in levels]
+        need = int(self.cfg["min_frames"])
+        if len(kept) < need:
+            named = "; ".join(f"{storage.basename(r['file'])}: {r['reason']}" for r in rejected)
+            raise _TooFewInputs(f"only {len(kept)} of {len(frames)} {kind} frames passed QA (a master needs "
+                                f"{need}): {named}", rejected)
+        return kept, levels, rejected
+
+class _TooFewInputs(BadInputError):
+    """Too few inputs of a master passed per-frame QA; carries the rejected ones."""
+
+    def __init__(self, message: str, rejected: list[dict]):
+        super().__init__(message)
+        self.rejected = rejected
 
 
 def _exptime(frame: RawFrame) -> float:
@@ -233,7 +273,9 @@ def run(ctx: Night, calset: str) -> dict:
             results.append(maker.build(kind, entry))
         except BadInputError as exc:
             # One bad set of flats must not cost the night its bias and darks.
-            failed.append({"kind": kind, "output": entry["output"], **exc.as_record()})
+            # the master's kind, not the error's ("bad_input"), which as_record would put in its place
+            failed.append({**exc.as_record(), "kind": kind, "output": entry["output"],
+                           "rejected": getattr(exc, "rejected", [])})
             log.event(_log, "master not made", master=entry["output"], reason=exc.reason)
     if failed and not results:
         raise BadInputError(f"no master of calibration set {calset} could be made: {failed[0]['reason']}")
