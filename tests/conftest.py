@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+REAL = Path(__file__).resolve().parent / "data" / "real"
 
 
 def _free_port() -> int:
@@ -70,6 +70,4 @@ def s3_root(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def real_dir() -> Path:
-    if not REAL.is_dir():
-        pytest.skip(f"real frames not found at {REAL} (the shared/ folder beside the checkout)")
     return REAL

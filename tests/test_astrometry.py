@@ -16,7 +16,7 @@ from gppy_stage.errors import BadInputError  # noqa: E402
 from gppy_stage.science import astrometry as A  # noqa: E402
 from gppy_stage.science import refcat as R  # noqa: E402
 
-TYCHO = Path("/work/shared/data/real/tycho2_T10779_NGC0253_r1.5deg.csv")
+TYCHO = Path(__file__).parent / "data" / "real" / "tycho2_T10779_NGC0253_r1.5deg.csv"
 
 
 def _ref(truth, hdr):

@@ -14,7 +14,7 @@ from astro_synth import make_frame  # noqa: E402
 from gppy_stage.errors import ToolError, ToolMissingError  # noqa: E402
 from gppy_stage.tools import astromatic, ldac  # noqa: E402
 
-M51 = Path("/work/shared/data/real/m51_kpno_B_600s_iraf_devpix.fits")
+M51 = Path(__file__).parent / "data" / "real" / "m51_kpno_B_600s_iraf_devpix.fits"
 
 
 def test_missing_binary_names_the_debian_package():

@@ -23,7 +23,8 @@ from typing import Any, Iterable
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-CRD_DIR = REPO.parent / "shared" / "schemas" / "argo-workflows-crds"
+# a copy of Argo's CRDs (provenance and licence beside them); checks are run from a checkout
+CRD_DIR = REPO / "tests" / "data" / "argo-workflows-crds"
 ARGO_KINDS = {
     "Workflow": "argoproj.io_workflows.yaml",
     "WorkflowTemplate": "argoproj.io_workflowtemplates.yaml",

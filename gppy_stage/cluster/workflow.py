@@ -64,8 +64,14 @@ EXTRA_ARG_VALUES = {
 
 def _version() -> str:
     # from pyproject, not importlib.metadata: the render must not depend on how (or whether)
-    # the package was installed, or the committed YAML would differ between machines
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    # the package was installed, or the committed YAML would differ between machines; an
+    # installed wheel has no pyproject, and its metadata was written from that same file
+    pyproject = REPO / "pyproject.toml"
+    if not pyproject.is_file():
+        from importlib.metadata import version
+
+        return version("gppy-stage")
+    return tomllib.loads(pyproject.read_text())["project"]["version"]
 
 
 def default_image(gpu: bool = False) -> str:
