@@ -342,6 +342,7 @@ def test_watch_once_command(bucket, kube, monkeypatch):
     monkeypatch.setenv("GPPY_ROOT", bucket)
     monkeypatch.setenv("GPPY_UNITS", "7DT01,7DT03")
     monkeypatch.setenv("GPPY_QUIET_MINUTES", "0")
+    monkeypatch.setenv("GPPY_POLL_GAP_MINUTES", "0")
     put_raw(bucket, "7DT03", NIGHT, 2)
     runner = CliRunner()
     for _ in range(2):
@@ -385,3 +386,101 @@ def test_backlog_dry_run_then_submit(bucket, kube):
 def test_backlog_refuses_a_reversed_range(bucket, kube):
     with pytest.raises(Exception, match="before"):
         watcher.backlog(bucket, "7DT03", date(2024, 3, 1), date(2024, 1, 1), None)
+
+
+# --- late files and resubmission -------------------------------------------------------------
+
+
+def _plan_stub(root: str, unit: str, night: str) -> None:
+    """The least plan.json a night report is built from (the workflow's plan step writes the real one)."""
+    storage.put_bytes(storage.join(root, "runs", unit, night, "plan.json"), json.dumps(
+        {"unit": unit, "night": night, "frames": [], "stacks": [], "calsets": [], "quarantine": []}).encode())
+
+
+def test_late_files_are_reported_once_and_the_night_can_be_resubmitted(bucket, kube, slack, monkeypatch):
+    from gppy_stage import report
+
+    put_raw(bucket, "7DT03", NIGHT, 4)
+    assert [_action(_poll(bucket, kube), NIGHT) for _ in range(2)] == [["growing"], ["submitted"]]
+    put_raw(bucket, "7DT03", NIGHT, 1, start=4)  # arrives after the night went
+    late_key = f"7DT03_20250101_030400_M31_r_1x1_60.0s_0004.fits"
+    assert _action(_poll(bucket, kube), NIGHT) == ["late-files"]
+    assert len(slack) == 2 and "late files" in slack[1]["text"] and late_key in slack[1]["text"]
+    assert f"gppy watch --resubmit 7DT03 {NIGHT}" in slack[1]["text"]
+    record = json.loads(storage.get_bytes(watcher.late_record_url(bucket, "7DT03", NIGHT)))
+    assert record["status"] == "failed" and record["files"] == [late_key]
+    assert record["submitted"]["count"] == 4 and record["now"]["count"] == 5
+    # the night report lists it with the night's failures
+    _plan_stub(bucket, "7DT03", NIGHT)
+    rep = report.build(report.collect(bucket, "7DT03", NIGHT))
+    late = [f for f in rep["failures"] if f["stage"] == "watcher"]
+    assert late and late_key in late[0]["reason"] and "resubmit" in late[0]["reason"]
+    # said once: a later poll that sees the same folder stays quiet
+    assert _action(_poll(bucket, kube), NIGHT) == ["late-files"] and len(slack) == 2
+    assert kube.names() == [watcher.workflow_name("7DT03", NIGHT)]
+
+    monkeypatch.setenv("GPPY_ROOT", bucket)
+    r = CliRunner().invoke(_cli(), ["watch", "--resubmit", "7DT03", NIGHT])
+    assert r.exit_code == 0, r.output
+    again = watcher.workflow_name("7DT03", NIGHT, 1)
+    assert again.endswith("-r1") and len(again) <= 63
+    assert kube.names() == sorted([watcher.workflow_name("7DT03", NIGHT), again])
+    params = {p["name"]: p.get("value") for p in kube.objects[("gppy", again)]["spec"]["arguments"]["parameters"]}
+    assert params["night"] == NIGHT and params["obs"] == "7DT03"
+    marker = json.loads(storage.get_bytes(watcher.marker_url(bucket, "7DT03", NIGHT)))
+    assert marker["count"] == 5 and marker["workflow"] == again and "late" not in marker
+    rep = report.build(report.collect(bucket, "7DT03", NIGHT))
+    assert not [f for f in rep["failures"] if f["stage"] == "watcher"]  # resubmitted: no longer a loss
+    assert _action(_poll(bucket, kube), NIGHT) == [] and len(slack) == 3 and "resubmitted" in slack[2]["text"]
+    # a typo is a clear config error, not an empty resubmission
+    r = CliRunner().invoke(_cli(), ["watch", "--resubmit", "7DT03", "2025-13-45_gain2750"])
+    assert r.exit_code == 78 and "date" in r.output
+    r = CliRunner().invoke(_cli(), ["watch", "--resubmit", "7DT03", f"{DONE}_ToO_gain2750"])
+    assert r.exit_code == 78 and "holds no files" in r.output
+
+
+def _age_state(root: str, seconds: float) -> None:
+    """Move every observation in the watcher's state back in time: the next CronJob run comes
+    this much later (the objects' own ages do not matter with --quiet-minutes 0)."""
+    url = storage.join(root, watcher.STATE_KEY)
+    state = json.loads(storage.get_bytes(url))
+    for obs in state["nights"].values():
+        obs["polled"] -= seconds
+    storage.put_bytes(url, json.dumps(state).encode())
+
+
+def test_five_racing_watcher_processes_submit_each_stable_night_once(bucket, kube, slack):
+    """Real ``gppy watch --once`` processes, five at a time, four rounds a CronJob period apart: a
+    night there from the start, one that grows for three rounds and then stops, one that never
+    stops growing. Watchers of one round race each other (and read each other's state)."""
+    import os
+
+    stable, grows, forever = NIGHT, f"{DONE}_gain2750_1x1", f"{DONE}_ToO_gain2750"
+    put_raw(bucket, "7DT03", stable, 3)
+    env = dict(os.environ, GPPY_ROOT=bucket, GPPY_UNITS="7DT03", GPPY_QUIET_MINUTES="0",
+               KUBECONFIG=kube.kubeconfig)
+    env.pop("GPPY_POLL_GAP_MINUTES", None)  # the default: half the CronJob's period
+    submitted_after: list[list[str]] = []
+    for rnd in range(4):
+        if rnd < 3:
+            put_raw(bucket, "7DT03", grows, 2, start=2 * rnd)
+        put_raw(bucket, "7DT03", forever, 1, start=rnd)
+        procs = [subprocess.Popen(["gppy", "watch", "--once"], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for _ in range(5)]
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), outs
+        submitted_after.append(kube.names())
+        _age_state(bucket, 300)
+    name = {n: watcher.workflow_name("7DT03", n) for n in (stable, grows, forever)}
+    # the stable night goes at the second round (the first only sees it); the growing one only
+    # once it has stopped (round 4); the one that never stops, never
+    assert submitted_after[0] == [] and submitted_after[1] == [name[stable]], submitted_after
+    assert all(name[grows] not in names for names in submitted_after[:3]), submitted_after
+    assert sorted(submitted_after[3]) == sorted([name[stable], name[grows]]), submitted_after
+    assert all(name[forever] not in names for names in submitted_after)
+    # exactly once: one Slack message per night, from the one watcher whose create succeeded
+    assert sorted(m["text"].split(",")[0] for m in slack) == sorted(
+        f"new night detected: 7DT03 {n}" for n in (stable, grows))
+    for night, count in ((stable, 3), (grows, 6)):
+        marker = json.loads(storage.get_bytes(watcher.marker_url(bucket, "7DT03", night)))
+        assert marker["count"] == count and marker["workflow"] == name[night] and "late" not in marker

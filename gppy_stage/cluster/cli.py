@@ -31,13 +31,17 @@ def _fail(exc: GppyError) -> typer.Exit:
 def watch(
     root: str = typer.Option(..., "--root", envvar="GPPY_ROOT",
                              help="Storage root holding obsdata/ (s3://bucket or a folder)."),
-    units: str = typer.Option(..., "--units", envvar="GPPY_UNITS",
+    units: str = typer.Option("", "--units", envvar="GPPY_UNITS",
                               help="Units to watch, comma separated (7DT01,7DT02,...)."),
     namespace: str = typer.Option(workflow.NAMESPACE, "--namespace", envvar="GPPY_NAMESPACE",
                                   help="Kubernetes namespace the night workflows go to."),
     quiet_minutes: float = typer.Option(30.0, "--quiet-minutes", envvar="GPPY_QUIET_MINUTES",
                                         help="A night is ready once its newest file is at least this old "
                                              "(and its size did not change since the last poll)."),
+    poll_gap_minutes: float = typer.Option(2.5, "--poll-gap-minutes", envvar="GPPY_POLL_GAP_MINUTES",
+                                           help="A night's size must be unchanged since a poll at least this "
+                                                "long ago (half the CronJob's 5-minute period): a second watcher "
+                                                "running at the same moment is not a later poll."),
     lookback_days: int = typer.Option(7, "--lookback-days", envvar="GPPY_LOOKBACK_DAYS",
                                       help="Only nights this recent are watched; older ones are for `gppy backlog`."),
     once: bool = typer.Option(False, "--once", help="Poll once and exit (the CronJob); without it, poll forever."),
@@ -47,6 +51,9 @@ def watch(
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be submitted; submit and write nothing."),
     kubeconfig: str = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG",
                                    help="kubeconfig to use outside a cluster (inside one, the pod's service account)."),
+    resubmit: tuple[str, str] = typer.Option(None, "--resubmit", metavar="OBS NIGHT",
+                                             help="Submit one night again (after late files: the watcher names "
+                                                  "them in Slack and the night report), then exit."),
 ) -> None:
     """Submit each night's workflow once its raw folder has stopped growing."""
     from . import watcher
@@ -54,9 +61,13 @@ def watch(
     log.setup()
     try:
         api = None if dry_run else watcher.kube_api(kubeconfig)
+        if resubmit and resubmit[0]:
+            d = watcher.resubmit(root, resubmit[0], resubmit[1], api, namespace=namespace, dry_run=dry_run)
+            typer.echo(f"{d.action}\t{d.unit}\t{d.night}\t{d.workflow}")
+            return
         watcher.watch(root, _units(units), api, interval_s=interval, once=once, namespace=namespace,
                       quiet_s=quiet_minutes * 60, lookback_days=lookback_days, include_test=include_test,
-                      dry_run=dry_run)
+                      dry_run=dry_run, min_gap_s=poll_gap_minutes * 60)
     except GppyError as exc:
         raise _fail(exc) from None
 

@@ -33,16 +33,19 @@ _log = log.get("watcher")
 # --- names ----------------------------------------------------------------------------------
 
 
-def workflow_name(unit: str, night: str) -> str:
+def workflow_name(unit: str, night: str, attempt: int = 0) -> str:
     """A DNS-safe name fixed by unit and night: ``gppy-7dt03-2025-01-01-gain2750-3f9a1c``.
 
     The readable part is lowercased (Kubernetes names must be), so the short hash of the exact
     folder name keeps ``..._ToO`` and ``..._too`` (or ``_ToO_gain`` vs ``_gain_ToO``) apart.
+    A resubmission ``attempt`` n > 0 ends in ``-r<n>``: fixed too, so two operators resubmitting
+    at once still make one workflow.
     """
     readable = re.sub(r"[^a-z0-9]+", "-", f"{unit}-{night}".lower()).strip("-")
     digest = hashlib.sha256(f"{unit}/{night}".encode()).hexdigest()[:6]
+    suffix = f"-r{attempt}" if attempt else ""
     # 63 keeps pod names derived from it within Kubernetes' label-length limits
-    return f"gppy-{readable[: 63 - 5 - 7]}-{digest}".replace("--", "-")
+    return f"gppy-{readable[: 63 - 5 - 7 - len(suffix)]}-{digest}{suffix}".replace("--", "-")
 
 
 def _label(value: str) -> str:
@@ -132,7 +135,7 @@ class Observation:
 class Decision:
     unit: str
     night: str
-    action: str  # growing | settling | submitted | exists | skipped-test | would-submit
+    action: str  # growing | settling | submitted | exists | skipped-test | would-submit | late-files
     workflow: str | None = None
     count: int = 0
     bytes: int = 0
@@ -168,8 +171,13 @@ def candidate_nights(root: str, unit: str, since: date | None = None,
     return [n for n in night_folders(root, unit) if not ((since and n.day < since) or (until and n.day > until))]
 
 
-def observe(root: str, unit: str, night: str, now: float) -> Observation:
-    objs = storage.list_objects(storage.join(root, "obsdata", unit, night))
+def _listing(root: str, unit: str, night: str) -> list[storage.ObjectInfo]:
+    return storage.list_objects(storage.join(root, "obsdata", unit, night))
+
+
+def observe(root: str, unit: str, night: str, now: float,
+            listing: list[storage.ObjectInfo] | None = None) -> Observation:
+    objs = _listing(root, unit, night) if listing is None else listing
     return Observation(
         count=len(objs),
         bytes=sum(o.size for o in objs),
@@ -178,10 +186,72 @@ def observe(root: str, unit: str, night: str, now: float) -> Observation:
     )
 
 
+def _write_marker(root: str, unit: str, night: str, marker: dict) -> None:
+    storage.put_bytes(marker_url(root, unit, night), json.dumps(marker, indent=1).encode())
+
+
+def read_marker(root: str, unit: str, night: str) -> dict | None:
+    try:
+        return json.loads(storage.get_bytes(marker_url(root, unit, night)))
+    except storage.NotFoundError:
+        return None
+    except ValueError:
+        log.event(_log, "submission marker unreadable; treating the night as submitted", level=30,
+                  unit=unit, night=night)
+        return {}
+
+
+# --- late files: what arrived after a night was submitted ----------------------------------------
+
+
+def late_record_url(root: str, unit: str, night: str) -> str:
+    """A stage-result record of the night, so the night report lists late files among its failures."""
+    return storage.join(root, "runs", unit, night, "results", "watcher", "late-files.json")
+
+
+def resubmit_command(unit: str, night: str) -> str:
+    return f"gppy watch --resubmit {unit} {night}"
+
+
+def check_late(root: str, unit: str, night: str, marker: dict, now: float) -> Decision | None:
+    """A submitted night whose folder changed since: say so once per change (log, Slack and a
+    record the night report shows), and how to resubmit. None when nothing changed."""
+    objs = _listing(root, unit, night)
+    cur = observe(root, unit, night, now, objs)
+    if "count" not in marker or (cur.count, cur.bytes) == (marker["count"], marker.get("bytes")):
+        return None
+    known = set(marker.get("files") or [])
+    new = sorted(o.key for o in objs if o.key not in known) if known else []
+    late = {"count": cur.count, "bytes": cur.bytes, "files": new}
+    d = Decision(unit, night, "late-files", workflow=marker.get("workflow"), count=cur.count, bytes=cur.bytes)
+    if marker.get("late") and {k: marker["late"].get(k) for k in late} == late:
+        return d  # already reported, the operator has not resubmitted yet
+    what = f"{len(new)} new file(s)" if known else f"{cur.count - marker['count']:+d} file(s)"
+    reason = (f"{what} arrived after the night was submitted ({marker['count']} files then, {cur.count} now"
+              f"{': ' + ', '.join(new[:5]) if new else ''}{' ...' if len(new) > 5 else ''}); "
+              f"they are not processed until it is resubmitted: {resubmit_command(unit, night)}")
+    log.event(_log, "late files", level=30, unit=unit, night=night, workflow=d.workflow, submitted_files=marker["count"],
+              files=cur.count, new=new[:20])
+    storage.put_bytes(late_record_url(root, unit, night), json.dumps({
+        "stage": "watcher", "item": "late-files", "status": "failed", "exit_code": None,
+        "error": {"kind": "late_files", "reason": reason, "file": None},
+        "files": new, "submitted": {k: marker.get(k) for k in ("workflow", "count", "bytes", "at")},
+        "now": {"count": cur.count, "bytes": cur.bytes}, "detected": now,
+        "resubmit": resubmit_command(unit, night)}, indent=1).encode())
+    _write_marker(root, unit, night, {**marker, "late": {**late, "detected": now}})
+    notify(f":warning: late files: {unit} {night}: {reason}")
+    return d
+
+
 def poll(root: str, units: list[str], api, *, namespace: str = workflow.NAMESPACE, quiet_s: float = 1800,
          lookback_days: int = 7, include_test: bool = False, dry_run: bool = False,
-         now: float | None = None) -> list[Decision]:
-    """One poll: observe recent nights of each unit, submit those that stopped growing."""
+         now: float | None = None, min_gap_s: float = 0.0) -> list[Decision]:
+    """One poll: observe recent nights of each unit, submit those that stopped growing.
+
+    "Stopped growing" means the same size as an observation at least ``min_gap_s`` old: the
+    state keeps when the current size was first seen, so a second watcher polling a moment
+    after the first (whose observation it reads back) does not count as a later poll and take
+    a night that grew since the last round for a finished one."""
     if not units:
         raise ConfigError("no units to watch (set --units or GPPY_UNITS)")
     now = time.time() if now is None else now
@@ -195,19 +265,26 @@ def poll(root: str, units: list[str], api, *, namespace: str = workflow.NAMESPAC
             if night.test and not include_test:
                 decisions.append(Decision(unit, night.folder, "skipped-test"))
                 continue
-            if storage.exists(marker_url(root, unit, night.folder)):
+            marker = read_marker(root, unit, night.folder)
+            if marker is not None:
+                late = check_late(root, unit, night.folder, marker, now) if not dry_run else None
+                if late is not None:
+                    decisions.append(late)
                 continue
             if not night.too and night.date >= night_date_of(datetime.fromtimestamp(now, timezone.utc).replace(tzinfo=None)):
                 # a quiet folder mid-night is clouds, not the end: regular nights wait for the night to
                 # be over (noon UTC after it); ToO nights go as soon as they stop growing
                 decisions.append(Decision(unit, night.folder, "in-progress"))
                 continue
-            cur = observe(root, unit, night.folder, now)
-            seen[key] = asdict(cur)
+            objs = _listing(root, unit, night.folder)
+            cur = observe(root, unit, night.folder, now, objs)
             prev = state["nights"].get(key)
+            unchanged = prev is not None and cur.same_size(Observation(**prev))
+            # an unchanged size keeps the time it was first seen: that is what the gap is measured from
+            seen[key] = dict(asdict(cur), polled=prev["polled"]) if unchanged else asdict(cur)
             d = Decision(unit, night.folder, "growing", count=cur.count, bytes=cur.bytes)
             decisions.append(d)
-            if cur.count == 0 or prev is None or not cur.same_size(Observation(**prev)):
+            if cur.count == 0 or not unchanged or now - prev["polled"] < min_gap_s:
                 continue
             if now - cur.newest < quiet_s:
                 d.action = "settling"
@@ -220,9 +297,10 @@ def poll(root: str, units: list[str], api, *, namespace: str = workflow.NAMESPAC
             body = workflow.night_workflow(unit, night.folder, too=night.too, name=d.workflow, root=root,
                                            labels=night_labels(unit, night, "watcher"))
             d.action = "submitted" if submit(api, namespace, body) == "created" else "exists"
-            storage.put_bytes(marker_url(root, unit, night.folder), json.dumps(
-                {"workflow": d.workflow, "namespace": namespace, "at": now, "result": d.action,
-                 "count": cur.count, "bytes": cur.bytes}).encode())
+            # the file list lets a later poll name the files that arrive after this
+            _write_marker(root, unit, night.folder, {
+                "workflow": d.workflow, "namespace": namespace, "at": now, "result": d.action,
+                "count": cur.count, "bytes": cur.bytes, "files": sorted(o.key for o in objs)})
             log.event(_log, d.action, unit=unit, night=night.folder, workflow=d.workflow,
                       files=cur.count, bytes=cur.bytes)
             if d.action == "submitted":
@@ -247,6 +325,52 @@ def watch(root: str, units: list[str], api, *, interval_s: float = 300, once: bo
         if once:
             return
         time.sleep(interval_s)
+
+
+def resubmit(root: str, unit: str, night: str, api, *, namespace: str = workflow.NAMESPACE,
+             dry_run: bool = False, now: float | None = None) -> Decision:
+    """Submit a night again (after late files, or to redo it): a new workflow named
+    ``<name>-r<n>``; the stages skip what is already made from the same inputs, so only what the
+    new files change is redone. The marker then records the folder as it is now."""
+    from .. import config
+    from ..errors import BadInputError
+    from ..names import parse_night
+
+    now = time.time() if now is None else now
+    config.instrument(unit)  # an operator's typo is a clear error, not an empty listing
+    try:
+        name = parse_night(night)
+    except BadInputError as exc:
+        raise ConfigError(f"--resubmit {unit} {night}: {exc.reason}") from None
+    objs = _listing(root, unit, night)
+    if not objs:
+        raise ConfigError(f"{storage.join(root, 'obsdata', unit, night)} holds no files: nothing to resubmit")
+    marker = read_marker(root, unit, night) or {}
+    attempt = len(marker.get("resubmissions", [])) + 1 if marker else 0
+    cur = observe(root, unit, night, now, objs)
+    d = Decision(unit, night, "would-submit", workflow=workflow_name(unit, night, attempt), count=cur.count,
+                 bytes=cur.bytes)
+    if dry_run:
+        return d
+    body = workflow.night_workflow(unit, night, too=name.too, name=d.workflow, root=root,
+                                   labels=night_labels(unit, name, "resubmit"))
+    d.action = "submitted" if submit(api, namespace, body) == "created" else "exists"
+    history = marker.get("resubmissions", []) + [{"workflow": d.workflow, "at": now, "result": d.action,
+                                                   "count": cur.count, "late": marker.get("late")}]
+    _write_marker(root, unit, night, {
+        "workflow": d.workflow, "namespace": namespace, "at": now, "result": d.action, "count": cur.count,
+        "bytes": cur.bytes, "files": sorted(o.key for o in objs), "resubmissions": history,
+        "first": marker.get("first") or {k: marker.get(k) for k in ("workflow", "at", "count")}})
+    late_url = late_record_url(root, unit, night)
+    if storage.exists(late_url):
+        # no longer a failure of the night: the report shows it as resubmitted
+        record = json.loads(storage.get_bytes(late_url))
+        record.update(status="done", resubmitted={"workflow": d.workflow, "at": now})
+        storage.put_bytes(late_url, json.dumps(record, indent=1).encode())
+    log.event(_log, "resubmitted", unit=unit, night=night, workflow=d.workflow, result=d.action, files=cur.count)
+    if d.action == "submitted":
+        notify(f"night resubmitted: {unit} {night}, {cur.count} files; workflow {namespace}/{d.workflow}")
+    return d
 
 
 # --- backlog ---------------------------------------------------------------------------------
