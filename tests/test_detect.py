@@ -204,3 +204,60 @@ def test_region_text_and_stamps(scene):
         assert im.shape[1] > 2 * im.shape[0]  # three panels side by side
     # a stamp at the corner still renders (cut-outs padded with NaN)
     assert stamp_png(p["new"], p["ref"], r.diff, 0.0, 0.0)[:4] == b"\x89PNG"
+
+
+def test_moving_flag_from_whole_frame_catalogues():
+    """Per-frame catalogues hold every star and galaxy too: a transient beside its host, found in
+    only one frame while the galaxy is in both, must not read as motion; the asteroid must."""
+    rng = np.random.default_rng(8)
+    shape = (256, 256)
+    host, transient, asteroid = (60.0, 60.0), (63.0, 61.0), [(150.0, 150.0), (154.0, 152.0)]
+    d, n = _frame_diff(rng, [transient[0], *[a[0] for a in asteroid]], [transient[1], *[a[1] for a in asteroid]],
+                       [8000.0, 4000.0, 4000.0], shape=shape)
+    stars = rng.uniform(20, 236, (40, 2))
+    frames = []
+    for k, (ax, ay) in enumerate(asteroid):
+        xs = [*stars[:, 0] + rng.normal(0, 0.1, 40), host[0], ax] + ([transient[0]] if k == 0 else [])
+        ys = [*stars[:, 1] + rng.normal(0, 0.1, 40), host[1], ay] + ([transient[1]] if k == 0 else [])
+        frames.append(Table({"x": xs, "y": ys}))
+    t = detect_candidates(d, n, None, fwhm=FWHM, zp=ZP, frame_detections=frames)
+    tr, dt = _nearest_row(t, *transient)
+    ast, da = _nearest_row(t, 152.0, 151.0)
+    assert dt < 1 and da < 3
+    assert not tr["moving"] and tr["n_frames"] == 2
+    assert ast["moving"]
+
+
+def test_total_magnitude_of_a_moffat_source_with_the_growth_curve():
+    """A PSF with wings (Moffat, beta 2.5) loses ~13 % of its flux outside the 1.5-FWHM aperture;
+    the photometry stage's growth curve in the header (``APER_k``, ``APC_APER_k``) puts it back."""
+    from astropy.io import fits
+
+    from gppy_stage.science.detect import APER_FWHM, APERTURE_KEYS, growth_correction
+
+    beta, flux, pixscale = 2.5, 2.0e4, 0.5
+    alpha = FWHM / (2 * np.sqrt(2 ** (1 / beta) - 1))
+
+    def enclosed(r):  # analytic Moffat growth curve: the truth
+        return 1 - (1 + (r / alpha) ** 2) ** (1 - beta)
+
+    header = fits.Header()
+    for key, diameter_px in zip(APERTURE_KEYS, (3.0, 6.0, 9.0, 12.0, 16.0, 20.0)):
+        header[key] = diameter_px * pixscale
+        header[f"HIERARCH APC_{key}"] = -2.5 * np.log10(enclosed(diameter_px / 2))
+    radius = APER_FWHM * FWHM
+    corr = growth_correction(header, radius, pixscale)
+    assert abs(corr * enclosed(radius) - 1) < 0.01
+    assert growth_correction(header, 50.0, pixscale) is None  # no extrapolation past the curve
+
+    rng = np.random.default_rng(11)
+    shape = (256, 256)
+    d = render(shape, [128.3], [120.6], [flux], FWHM, beta=beta) + rng.normal(0, 3.0, shape)
+    n = np.full(shape, 3.0)
+    expected = ZP - 2.5 * np.log10(flux)
+    plain, _ = _nearest_row(detect_candidates(d, n, None, fwhm=FWHM, zp=ZP), 128.3, 120.6)
+    row, dist = _nearest_row(detect_candidates(d, n, None, fwhm=FWHM, zp=ZP, aper_corr=corr), 128.3, 120.6)
+    print(f"Moffat source: mag {row['mag']:.4f} with the growth curve, {plain['mag']:.4f} without, true {expected:.4f}")
+    assert dist < 0.5
+    assert plain["mag"] - expected > 0.1
+    assert abs(row["mag"] - expected) < max(0.02, 3 * row["magerr"])

@@ -2,18 +2,20 @@
 
 ``science.detect.detect_candidates`` runs on ``<stem>.diff.fits`` with the difference's WCS and
 zero point, the field's reference catalogue (``ref_cat/gaiaxp_dr3_synphot_<OBJECT>.csv``: a
-candidate on a catalogued star is flagged ``ref_star``) and, for the ``moving`` flag, one
-difference image per frame of the stack: each frame is resampled onto the stack's grid on the
-stack's zero point (SWarp, as the stack was made) and the same reference subtracted from it, so
-an asteroid shows at a different place in each while a real transient stays put.
+candidate on a catalogued star is flagged ``ref_star``) and, for the ``moving`` flag, the
+photometry stage's catalogue of each frame of the stack (``phot/*.phot.cat``, sources above the
+detection threshold): an asteroid sits at a different place in each frame while a real transient
+stays put. Nothing is subtracted again here; the frames were measured once, by photometry.
 
 Products beside the stack: ``<stem>.cand.ecsv`` (every candidate: ra, dec, mag, magerr, snr,
 flags, score and the flag columns), ``<stem>.cand.reg`` (DS9) and ``<stem>.stamps/cand_<id>.png``
 for the candidates that pass (score >= ``min_score`` and no flag outside ``pass_flags``).
+Images are memory-mapped: the stack and the reference are only cut out for stamps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 
@@ -24,20 +26,13 @@ from astropy.wcs import WCS
 
 from .. import config, log, storage
 from ..errors import BadInputError
-from ..fitsio import read_hdul
 from ..science.astrometry import observation_time
-from ..science.detect import FLAG_BITS, detect_candidates
+from ..science.detect import APER_FWHM, FLAG_BITS, detect_candidates, growth_correction, growth_radii
 from ..science.stamps import candidate_stamps, region_text
-from ..tools import swarp as sw
 from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
-from .stack import load_frame, scaled_input, settings, stem
-from .subtract import (
-    NO_REFERENCE,
-    choose_engine,
-    find_reference,
-    product_keys,
-    run_subtraction,
-)
+from .photometry import product_keys as phot_keys
+from .stack import settings, stem
+from .subtract import NO_REFERENCE, find_reference, product_keys
 
 _log = log.get("detect")
 
@@ -56,7 +51,7 @@ def reference_catalogue(root: str, field: str, when) -> Table | None:
     url = storage.join(root, refcat_key(field))
     if not storage.exists(url):
         return None
-    table = refcat.read_refcat(storage.get_bytes(url), name=refcat.refcat_name(field))
+    table = refcat.read_refcat(storage.get_bytes(url), name=refcat_key(field))
     if when is not None:
         table = refcat.at_epoch(table, when)
     return Table({"ra": np.asarray(table["ra"], float), "dec": np.asarray(table["dec"], float)})
@@ -69,35 +64,58 @@ def passing(table: Table, min_score: float, pass_flags: int) -> np.ndarray:
     return (np.asarray(table["score"], float) >= min_score) & ((flags & ~int(pass_flags)) == 0)
 
 
-def frame_differences(ctx: Night, frame_ids: list[str], zp: float, grid_header: fits.Header, shape,
-                      ref: np.ndarray, engine: str, sub_settings: dict) -> tuple[list[tuple], list[dict]]:
-    """(diff, noise, mask) of each frame of the stack against the same reference, on its grid."""
+def frame_catalogues(ctx: Night, frame_ids: list[str], threshold: float) -> tuple[list[Table], list[str], list[dict]]:
+    """ra/dec of each stack frame's sources above ``threshold`` (S/N of FLUX_AUTO), from the
+    photometry stage's catalogues; with the catalogue keys used and a note per frame left out."""
     frames = {f["id"]: f for f in ctx.plan()["frames"]}
-    cfg = settings("stack")
-    out, notes = [], []
-    ref_bad = ref == 0
+    tables, keys, notes = [], [], []
     for fid in frame_ids:
-        got = load_frame(ctx, frames[fid], cfg)
-        if isinstance(got, str):
-            notes.append({"frame": fid, "reason": got})
+        key = phot_keys(frames[fid]["output"])[0] if fid in frames else None
+        if key is None or not storage.exists(ctx.url(key)):
+            notes.append({"frame": fid, "reason": "no photometry catalogue"})
             continue
-        item, info, _ = got
-        # on the stack's zero point and sky-subtracted, as in the stack
-        res = sw.swarp([scaled_input(item, info, zp)], {"NTHREADS": int(cfg.get("nthreads", 0))},
-                       template=(grid_header, shape))
-        good = res.weight > 0
-        if good.mean() < 0.2:
-            notes.append({"frame": fid, "reason": "covers too little of the stack"})
-            continue
-        var = np.where(good, 1.0 / np.where(good, res.weight, 1.0), 0.0).astype(np.float32)
         try:
-            sub, _ = run_subtraction(np.where(good, res.image, 0.0), var, ~good, ref, None, ref_bad, engine=engine,
-                                     settings_=sub_settings)
-        except BadInputError as exc:  # too few stamps on one frame: the others still tell motion
-            notes.append({"frame": fid, "reason": exc.reason})
-            continue
-        out.append((sub.diff, np.where(np.isfinite(sub.noise), sub.noise, np.inf), sub.mask))
-    return out, notes
+            cat = Table.read(io.BytesIO(storage.get_bytes(ctx.url(key))), format="ascii.ecsv")
+            flux, err = np.asarray(cat["FLUX_AUTO"], float), np.asarray(cat["FLUXERR_AUTO"], float)
+            ra, dec = np.asarray(cat["ALPHA_J2000"], float), np.asarray(cat["DELTA_J2000"], float)
+        except (ValueError, KeyError) as exc:
+            raise BadInputError(f"photometry catalogue unreadable ({exc})", path=ctx.url(key)) from None
+        with np.errstate(divide="ignore", invalid="ignore"):
+            keep = (err > 0) & (flux / err >= threshold) & np.isfinite(ra) & np.isfinite(dec)
+        tables.append(Table({"ra": ra[keep], "dec": dec[keep]}))
+        keys.append(key)
+    return tables, keys, notes
+
+
+def candidate_aperture(diff_header, stack_header, ref_header, fwhm: float, pixscale: float) -> tuple[float, float]:
+    """(radius px, total / aperture flux) for candidate fluxes: ``APER_FWHM`` FWHM, kept inside
+    the growth curve the photometry stage measured on the image whose PSF the difference has
+    (the stack's, unless the stack was the one convolved and the reference has a curve)."""
+    psf_header = stack_header
+    if diff_header.get("CONVOLV") == "new" and len(growth_radii(ref_header, pixscale)[0]) >= 2:
+        psf_header = ref_header
+    radii, _ = growth_radii(psf_header, pixscale)
+    radius = APER_FWHM * fwhm
+    if len(radii) >= 2:
+        radius = float(np.clip(radius, radii[0], radii[-1]))
+    return radius, growth_correction(psf_header, radius, pixscale) or 1.0
+
+
+@contextlib.contextmanager
+def _images(urls: dict[str, str]):
+    """{name: (memory-mapped data, header)}: read on demand, so a stamp reads only its cut-out."""
+    with contextlib.ExitStack() as stack:
+        out = {}
+        for name, url in urls.items():
+            path = stack.enter_context(storage.local_copy(url))
+            try:
+                hdul = stack.enter_context(fits.open(path, memmap=True))
+                out[name] = (hdul[0].data, hdul[0].header)
+            except (OSError, ValueError) as exc:
+                raise BadInputError(f"cannot read FITS ({exc})", path=url) from None
+            if out[name][0] is None or out[name][0].ndim != 2:
+                raise BadInputError("no 2-D image in the primary HDU", path=url)
+        yield out
 
 
 def run(ctx: Night, stack: str) -> dict:
@@ -114,46 +132,44 @@ def run(ctx: Night, stack: str) -> dict:
         raise BadInputError(f"stack {stack} has no difference image (see the subtract stage's result)", path=diff_url)
     diff_meta = read_sidecar(diff_url) or {}
     stack_meta = read_sidecar(ctx.url(entry["output"])) or {}
-    work = input_hash("detect", [{"diff": keys["diff"], "hash": diff_meta.get("hash")}], cfg)
+    moving = cfg.get("moving", "catalogues") != "none" and len(stack_meta.get("frames", [])) >= 2
+    frame_cats, cat_keys, notes = (frame_catalogues(ctx, stack_meta["frames"], float(cfg["threshold"])) if moving
+                                   else ([], [], []))
+    if moving and len(frame_cats) < 2:
+        notes.append({"frame": "*", "reason": "fewer than 2 frame catalogues: no moving flag"})
+        frame_cats = []
+    work = input_hash("detect", [{"diff": keys["diff"], "hash": diff_meta.get("hash")}, cat_keys], cfg)
     table_url = ctx.url(ckeys["table"])
     if is_done(table_url, work, ctx.force):
         log.event(_log, "already searched from the same inputs and settings", stack=stack)
         return result | {"status": "done", "skipped": True, **(read_sidecar(table_url) or {}).get("summary", {})}
     timer = Timer()
-    with read_hdul(diff_url) as hdul:
-        diff = np.asarray(hdul[0].data, np.float32)
-        header = hdul[0].header.copy()
-    noise = np.asarray(read_hdul(ctx.url(keys["noise"]))[0].data, np.float32)
-    mask = np.asarray(read_hdul(ctx.url(keys["mask"]))[0].data) != 0
-    noise = np.where(noise > 0, noise, np.inf)
-    with read_hdul(ctx.url(entry["output"])) as hdul:
-        new = np.asarray(hdul[0].data, np.float32)
-        stack_header = hdul[0].header.copy()
-    ref = np.asarray(read_hdul(ctx.url(keys["ref"]))[0].data, np.float32)
-    wcs = WCS(header)
-    zp = float(header.get("ZP", 0.0))
-    pixscale = config.instrument(ctx.unit).pixscale
-    fwhm = float(header.get("FWHM") or 0) or float(stack_header.get("SEEINGIN", 2.5)) / pixscale
-    refcat = reference_catalogue(ctx.root, entry["field"], observation_time(stack_header))
-    frame_diffs, notes = None, []
-    if cfg.get("moving", "frame_diffs") == "frame_diffs" and len(stack_meta.get("frames", [])) >= 2:
-        sub_cfg = settings("subtract")
-        frame_diffs, notes = frame_differences(ctx, stack_meta["frames"], float(stack_header["ZP"]), stack_header,
-                                               new.shape, ref, choose_engine(sub_cfg), sub_cfg.get("settings") or {})
-        if len(frame_diffs) < 2:
-            notes.append({"frame": "*", "reason": "fewer than 2 frame differences: no moving flag"})
-            frame_diffs = None
-    t = detect_candidates(diff, noise, mask, fwhm=fwhm, wcs=wcs, zp=zp, threshold=float(cfg["threshold"]),
-                          minarea=int(cfg["minarea"]), ref_catalog=refcat, frame_diffs=frame_diffs)
-    ok = passing(t, float(cfg["min_score"]), int(cfg["pass_flags"]))
+    urls = {"diff": diff_url, "noise": ctx.url(keys["noise"]), "mask": ctx.url(keys["mask"]),
+            "new": ctx.url(entry["output"]), "ref": ctx.url(keys["ref"])}
+    with _images(urls) as img:
+        header, stack_header = img["diff"][1].copy(), img["new"][1].copy()
+        wcs = WCS(header)
+        zp = float(header.get("ZP", 0.0))
+        pixscale = config.instrument(ctx.unit).pixscale
+        fwhm = float(header.get("FWHM") or 0) or float(stack_header.get("SEEINGIN", 2.5)) / pixscale
+        refcat = reference_catalogue(ctx.root, entry["field"], observation_time(stack_header))
+        aper_radius, aper_corr = candidate_aperture(header, stack_header, img["ref"][1], fwhm, pixscale)
+        diff = np.asarray(img["diff"][0], np.float32)
+        noise = np.asarray(img["noise"][0], np.float32)
+        t = detect_candidates(diff, noise, np.asarray(img["mask"][0]) != 0, fwhm=fwhm, wcs=wcs, zp=zp,
+                              threshold=float(cfg["threshold"]), minarea=int(cfg["minarea"]), ref_catalog=refcat,
+                              frame_detections=frame_cats or None, aper_radius=aper_radius, aper_corr=aper_corr)
+        ok = passing(t, float(cfg["min_score"]), int(cfg["pass_flags"]))
+        stamps = candidate_stamps(img["new"][0], img["ref"][0], diff, t[ok], half=int(cfg["stamp_half"]),
+                                  noise=noise, max_stamps=int(cfg["max_stamps"]))
+        del diff, noise
     t["pass"] = ok
     t.meta.update({"STACK": storage.basename(entry["output"]), "DIFF": storage.basename(keys["diff"]),
                    "FWHM_PX": fwhm, "THRESH": float(cfg["threshold"]), "MINSCORE": float(cfg["min_score"]),
-                   "MOVING": "frame_diffs" if frame_diffs else "none", "NFRAMES": len(frame_diffs or [])})
+                   "MOVING": "catalogues" if frame_cats else "none", "NFRAMES": len(frame_cats),
+                   "APER_PX": aper_radius, "APERCORR": aper_corr})
     buf = io.StringIO()
     t.write(buf, format="ascii.ecsv")
-    stamps = candidate_stamps(new, ref, diff, t[ok], half=int(cfg["stamp_half"]), noise=noise,
-                              max_stamps=int(cfg["max_stamps"]))
     for old in storage.list_objects(ctx.url(ckeys["stamps"])):  # a re-run may pass other candidates
         storage.delete(old.url)
     for cid, png in stamps.items():
@@ -167,7 +183,7 @@ def run(ctx: Night, stack: str) -> dict:
             row["stamp"] = f"{ckeys['stamps']}/cand_{row['id']:04d}.png"
     summary = {"status": "done", "n_candidates": len(t), "n_pass": int(ok.sum()), "zp": zp, "fwhm_px": round(fwhm, 3),
                "flag_counts": {name: int(np.sum(np.asarray(t[name], bool))) for name in FLAG_BITS} if len(t) else {},
-               "moving_from": len(frame_diffs or []), "notes": notes, "top": top, "stamps": len(stamps)}
+               "moving_from": len(frame_cats), "notes": notes, "top": top, "stamps": len(stamps)}
     write_sidecar(table_url, work, stack=stack, summary=summary, products=ckeys)
     log.event(_log, "searched", stack=stack, candidates=len(t), passing=int(ok.sum()), seconds=timer.seconds)
     return result | summary | {"products": ckeys, "seconds": timer.seconds}
