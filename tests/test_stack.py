@@ -297,3 +297,20 @@ def test_swarp_resample_conserves_flux_and_position():
     cx = (out.image * xx).sum() / out.image.sum()
     assert abs(cx - (x0 + 10.3)) < 0.05 and abs(cy - (y0 - 4.6)) < 0.05
     assert (out.weight[:, :5] == 0).all()  # the part the input does not cover has no weight
+
+
+def test_coadd_applies_the_scale_given_after_the_inputs_were_written():
+    """Two frames of one flat sky, 100 and 300 ADU, the second given FLXSCALE 1/3 in its .head only
+    after both were on disk: SWarp scales its pixels by 1/3 and its weight by 9, so the mean is 100
+    and the weight 10 (had the .head been ignored: 200 and 2)."""
+    h = fits.Header({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": 10.0, "CRVAL2": -20.0, "CRPIX1": 32.0,
+                     "CRPIX2": 32.0, "CD1_1": -1.4e-4, "CD1_2": 0.0, "CD2_1": 0.0, "CD2_2": 1.4e-4, "FLXSCALE": 1.0})
+    with sw.Coadd() as coadd:
+        for level in (100.0, 300.0):
+            coadd.add(sw.SwarpInput(np.full((64, 64), level, np.float32), h))
+        coadd.set_keys(1, {"FLXSCALE": 1 / 3})
+        out = coadd.run({"SUBTRACT_BACK": False, "NTHREADS": 1})
+    inner = (slice(8, -8), slice(8, -8))
+    print(f"co-add {np.median(out.image[inner]):.4f}, weight {np.median(out.weight[inner]):.4f}")
+    assert np.allclose(out.image[inner], 100.0, rtol=1e-4)
+    assert np.allclose(out.weight[inner], 10.0, rtol=1e-4)

@@ -37,13 +37,15 @@ class FrameForStack:
 
 def weight_map(variance: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """SWarp weight: 1/variance, 0 on masked, non-finite or non-positive-variance pixels."""
-    var = np.asarray(variance, np.float64)
-    bad = ~np.isfinite(var) | (var <= 0)
+    # float32 throughout: a variance has no digits float64 would keep, and a full-size frame's
+    # float64 temporaries would be 490 MB each
+    var = np.asarray(variance, np.float32)
+    good = np.isfinite(var) & (var > 0)
     if mask is not None:
-        bad |= np.asarray(mask) != 0
-    with np.errstate(divide="ignore"):
-        w = np.where(bad, 0.0, 1.0 / np.where(bad, 1.0, var))
-    return w.astype(np.float32)
+        good &= np.asarray(mask) == 0
+    w = np.zeros(var.shape, np.float32)
+    np.divide(np.float32(1.0), var, out=w, where=good)
+    return w
 
 
 def common_zero_point(zps: list[float], rule: str | float = "median") -> float:

@@ -23,10 +23,11 @@ from astropy.io import fits
 
 from .. import __version__, config, log, storage
 from ..errors import BadInputError
-from ..fitsio import clean_header, put_hdul, read_hdul
+from ..fitsio import clean_header, put_hdul
+from ..report import read_header
 from ..science import stack as sk
 from ..tools import swarp as sw
-from .base import Night, Timer, input_hash, is_done, write_sidecar
+from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
 
 _log = log.get("stack")
 
@@ -84,20 +85,14 @@ def frame_failure(ctx: Night, frame_id: str) -> str | None:
     return None
 
 
-def load_frame(ctx: Night, frame: dict, cfg: dict) -> tuple[sw.SwarpInput, sk.FrameForStack, dict] | str:
-    """A calib frame ready for SWarp (weights, no scale yet), or the reason it cannot be stacked."""
+def check_header(ctx: Night, frame: dict, cfg: dict) -> tuple[fits.Header, float, str] | str:
+    """A frame's header, zero point and its key, read without its pixels; or why it cannot be stacked."""
     failed = frame_failure(ctx, frame["id"])
     if failed:
         return failed
-    url = ctx.url(frame["output"])
-    if not storage.exists(url):
+    header = read_header(ctx.url(frame["output"]))
+    if header is None:
         return "no calib frame (not reduced)"
-    with read_hdul(url) as hdul:
-        header = hdul[0].header.copy()
-        data = np.asarray(hdul[0].data, np.float32)
-        names = [h.name for h in hdul]
-        mask = np.asarray(hdul["MASK"].data) if "MASK" in names else None
-        variance = np.asarray(hdul["VARIANCE"].data, np.float32) if "VARIANCE" in names else None
     if not has_celestial_wcs(header):
         return "no WCS (astrometry failed or not run)"
     if str(header.get("CTYPE1", "")).endswith("-SIP"):
@@ -105,29 +100,53 @@ def load_frame(ctx: Night, frame: dict, cfg: dict) -> tuple[sw.SwarpInput, sk.Fr
     zp, zp_key = zero_point(header, cfg["zp_keys"])
     if zp is None:
         return f"no zero point (none of {', '.join(cfg['zp_keys'])} in the header)"
-    if variance is None:
-        return "no VARIANCE extension"
-    weight = sk.weight_map(variance, mask)
-    good = weight > 0
-    if good.sum() < 0.5 * weight.size:
-        return f"only {100 * good.mean():.0f}% of the pixels are usable"
-    sub = (slice(None, None, 4), slice(None, None, 4))  # medians of a 1/16 sample: plenty, and fast
-    sky = float(np.median(data[sub][good[sub]]))
-    med_var = float(np.median(variance[sub][good[sub]]))
-    date_obs = datetime.fromisoformat(str(header["DATE-OBS"]))
+    return header, zp, zp_key
+
+
+def load_pixels(url: str, frame_id: str, header: fits.Header, zp: float) -> tuple[sw.SwarpInput, sk.FrameForStack] | str:
+    """A calib frame's pixels ready for SWarp (weights; EGAIN, SATURATE and FLXSCALE 1 set), or
+    the reason they cannot be stacked. Memory-mapped: only the float32 image and weight are held."""
+    with storage.local_copy(url) as path, fits.open(path, memmap=True) as hdul:
+        names = [h.name for h in hdul]
+        if "VARIANCE" not in names:
+            return "no VARIANCE extension"
+        mask = hdul["MASK"].data if "MASK" in names else None
+        variance = hdul["VARIANCE"].data
+        weight = sk.weight_map(variance, mask)
+        good = weight > 0
+        if good.sum() < 0.5 * weight.size:
+            return f"only {100 * good.mean():.0f}% of the pixels are usable"
+        data = np.asarray(hdul[0].data, np.float32)
+        sub = (slice(None, None, 4), slice(None, None, 4))  # medians of a 1/16 sample: plenty, and fast
+        sky = float(np.median(data[sub][good[sub]]))
+        med_var = float(np.median(np.asarray(variance[sub], np.float32)[good[sub]]))
+        del mask, variance, good
     seeing = header.get("SEEING")
     info = sk.FrameForStack(
-        id=frame["id"], name=storage.basename(frame["output"]), zp=zp, exptime=float(header["EXPTIME"]),
-        date_obs=date_obs, gain=float(header.get("EGAIN", 1.0)), saturation=float(header.get("SATURATE", 65535.0)),
-        sky=sky, median_variance=med_var, seeing=float(seeing) if seeing else None)
-    return sw.SwarpInput(data=data, header=header, weight=weight), info, {"zp_key": zp_key}
+        id=frame_id, name=storage.basename(url), zp=zp, exptime=float(header["EXPTIME"]),
+        date_obs=datetime.fromisoformat(str(header["DATE-OBS"])), gain=float(header.get("EGAIN", 1.0)),
+        saturation=float(header.get("SATURATE", 65535.0)), sky=sky, median_variance=med_var,
+        seeing=float(seeing) if seeing else None)
+    h = clean_header(header, commentary=False)
+    h["EGAIN"] = info.gain
+    h["SATURATE"] = info.saturation
+    h["FLXSCALE"] = 1.0  # the stack gives the real scale, known once every frame is in, in a .head
+    return sw.SwarpInput(data=data, header=h, weight=weight), info
+
+
+def load_frame(ctx: Night, frame: dict, cfg: dict) -> tuple[sw.SwarpInput, sk.FrameForStack, dict] | str:
+    """A calib frame ready for SWarp (weights, no scale yet), or the reason it cannot be stacked."""
+    checked = check_header(ctx, frame, cfg)
+    if isinstance(checked, str):
+        return checked
+    header, zp, zp_key = checked
+    got = load_pixels(ctx.url(frame["output"]), frame["id"], header, zp)
+    return got if isinstance(got, str) else (*got, {"zp_key": zp_key})
 
 
 def scaled_input(item: sw.SwarpInput, info: sk.FrameForStack, common_zp: float) -> sw.SwarpInput:
-    h = clean_header(item.header, commentary=False)
+    h = item.header.copy()
     h["FLXSCALE"] = sk.flux_scale(info.zp, common_zp)
-    h["EGAIN"] = info.gain
-    h["SATURATE"] = info.saturation
     return sw.SwarpInput(data=item.data, header=h, weight=item.weight)
 
 
@@ -138,15 +157,19 @@ def _identity(header: fits.Header, key: str, zp: float) -> dict:
             "phot": header.get("PHOTHASH"), "zp": zp}
 
 
-def product(image: np.ndarray, weight: np.ndarray, header: fits.Header) -> fits.HDUList:
-    """A stack in the calib-frame layout: data, MASK (bit 2 where nothing contributed), VARIANCE."""
-    good = weight > 0
-    variance = np.where(good, 1.0 / np.where(good, weight, 1.0), 0.0).astype(np.float32)
+def product(out: sw.SwarpResult, header: fits.Header) -> fits.HDUList:
+    """A stack in the calib-frame layout: data, MASK (bit 2 where nothing contributed), VARIANCE.
+    Built in place on SWarp's float32 arrays, so no full-size float64 temporary is made."""
+    good = out.weight > 0
+    image = out.image
+    image[~good] = 0.0
+    variance = np.zeros_like(out.weight)
+    np.divide(1.0, out.weight, out=variance, where=good)
     mask = np.where(good, 0, 2).astype(np.uint8)
     mh = fits.Header()
     mh["MASK_2"] = ("BAD", "no input frame covers the pixel")
-    return fits.HDUList([fits.PrimaryHDU(np.where(good, image, 0.0).astype(np.float32), header),
-                         fits.ImageHDU(mask, mh, name="MASK"), fits.ImageHDU(variance, name="VARIANCE")])
+    return fits.HDUList([fits.PrimaryHDU(image, header), fits.ImageHDU(mask, mh, name="MASK"),
+                         fits.ImageHDU(variance, name="VARIANCE")])
 
 
 def run(ctx: Night, stack: str) -> dict:
@@ -155,31 +178,45 @@ def run(ctx: Night, stack: str) -> dict:
     frames = {f["id"]: f for f in ctx.plan()["frames"]}
     output_url = ctx.url(entry["output"])
     timer = Timer()
-    loaded, left_out = [], []
+    checked, left_out = [], []
     for fid in entry["frames"]:
-        got = load_frame(ctx, frames[fid], cfg)
+        got = check_header(ctx, frames[fid], cfg)
         if isinstance(got, str):
-            left_out.append({"frame": fid, "reason": got})
-            log.event(_log, "frame left out of the stack", stack=stack, frame=fid, reason=got)
+            _leave_out(left_out, stack, fid, got)
         else:
-            loaded.append(got)
-    if not loaded:
-        reasons = "; ".join(f"{n['frame']}: {n['reason']}" for n in left_out)
-        raise BadInputError(f"stack {stack} has no usable frame ({reasons})", path=output_url)
-    work = input_hash("stack", [_identity(item.header, frames[info.id]["output"], info.zp) for item, info, _ in loaded],
+            checked.append((fid, *got))
+    if not checked:
+        _no_usable_frame(stack, left_out, output_url)
+    # the hash is of the headers (each names the hashes its pixels were made from): a re-run that
+    # finds the stack done reads no pixels
+    work = input_hash("stack", [_identity(h, frames[fid]["output"], zp) for fid, h, zp, _ in checked],
                       {"cfg": cfg, "swarp": config.file_hash(config.config_dir() / sw.CONFIG)})
-    result = {"stack": stack, "output": entry["output"], "weight": weight_key(entry["output"]),
-              "frames": [info.id for _, info, _ in loaded], "left_out": left_out}
+    result = {"stack": stack, "output": entry["output"], "weight": weight_key(entry["output"])}
     if is_done(output_url, work, ctx.force):
         log.event(_log, "already stacked from the same inputs and settings", stack=stack)
-        result |= {"skipped": True, "photometry": stack_photometry(ctx, entry)}
+        meta = read_sidecar(output_url) or {}
+        result |= {"frames": meta.get("frames", [c[0] for c in checked]), "left_out": meta.get("left_out", left_out),
+                   "skipped": True, "photometry": stack_photometry(ctx, entry)}
         return result
-    infos = [info for _, info, _ in loaded]
-    common = sk.common_zero_point([i.zp for i in infos], cfg["common_zp"])
-    scales = [sk.flux_scale(i.zp, common) for i in infos]
-    options = {"NTHREADS": int(cfg.get("nthreads", 0))} | dict(cfg.get("swarp") or {})
-    out = sw.swarp([scaled_input(item, info, common) for item, info, _ in loaded], options)
-    first = loaded[0][0].header
+    with sw.Coadd() as coadd:
+        infos = []
+        for fid, header, zp, _ in checked:
+            got = load_pixels(ctx.url(frames[fid]["output"]), fid, header, zp)
+            if isinstance(got, str):
+                _leave_out(left_out, stack, fid, got)
+                continue
+            coadd.add(got[0])
+            infos.append(got[1])
+            del got  # one frame's pixels at a time: the next load replaces them
+        if not infos:
+            _no_usable_frame(stack, left_out, output_url)
+        common = sk.common_zero_point([i.zp for i in infos], cfg["common_zp"])
+        scales = [sk.flux_scale(i.zp, common) for i in infos]
+        for index, scale in enumerate(scales):
+            coadd.set_keys(index, {"FLXSCALE": scale})
+        options = {"NTHREADS": int(cfg.get("nthreads", 0))} | dict(cfg.get("swarp") or {})
+        out = coadd.run(options)
+    first = checked[0][1]
     header = out.header.copy()
     for key in ("GAIN", "FLXSCALE"):
         header.remove(key, ignore_missing=True)
@@ -190,20 +227,33 @@ def run(ctx: Night, stack: str) -> dict:
     header = sk.stack_header(header, infos, scales, common, left_out=left_out, provenance={
         "SWVERSN": (prov["version"], "SWarp version"), "SWCONF": (prov[sw.CONFIG], "hash of swarp.conf"),
         "PIPEVER": (__version__, "gppy-stage version"), "GPHASH": (work, "hash of inputs and settings"),
-        "ZPKEY": (loaded[0][2]["zp_key"], "input header key the zero points came from"),
+        "ZPKEY": (checked[0][3], "input header key the zero points came from"),
         # the grid's WCS is SWarp's, from inputs SCAMP solved: photometry may trust it
         "ASTROMTD": ("SWarp", "WCS of the resampled grid (inputs solved by SCAMP)"),
         "ASTRHASH": (work, "hash of the stack's inputs and settings")})
+    result |= {"frames": [i.id for i in infos], "left_out": left_out}
     put_hdul(ctx.url(weight_key(entry["output"])), fits.HDUList([fits.PrimaryHDU(out.weight, header)]))
-    put_hdul(output_url, product(out.image, out.weight, header))
-    write_sidecar(output_url, work, stack=stack, frames=result["frames"], left_out=left_out, zp=common)
     coverage = float(np.mean(out.weight > 0))
+    shape = list(out.image.shape)
+    put_hdul(output_url, product(out, header))
+    del out
+    write_sidecar(output_url, work, stack=stack, frames=result["frames"], left_out=left_out, zp=common)
     log.event(_log, "stacked", stack=stack, output=entry["output"], ncombine=len(infos), left_out=len(left_out),
               zp=round(common, 4), seconds=timer.seconds)
     result |= {"ncombine": len(infos), "zp": common, "exptime": float(header["EXPTIME"]), "egain": header["EGAIN"],
-               "coverage": round(coverage, 4), "shape": list(out.image.shape), "seconds": timer.seconds}
+               "coverage": round(coverage, 4), "shape": shape, "seconds": timer.seconds}
     result["photometry"] = stack_photometry(ctx, entry)
     return result
+
+
+def _leave_out(left_out: list[dict], stack: str, frame_id: str, reason: str) -> None:
+    left_out.append({"frame": frame_id, "reason": reason})
+    log.event(_log, "frame left out of the stack", stack=stack, frame=frame_id, reason=reason)
+
+
+def _no_usable_frame(stack: str, left_out: list[dict], output_url: str):
+    reasons = "; ".join(f"{n['frame']}: {n['reason']}" for n in left_out)
+    raise BadInputError(f"stack {stack} has no usable frame ({reasons})", path=output_url)
 
 
 def stack_photometry(ctx: Night, entry: dict) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping
 
 import numpy as np
 from astropy.io import fits
@@ -61,27 +61,55 @@ def template_text(header: fits.Header, shape: tuple[int, int]) -> str:
     return h.tostring(sep="\n", endcard=True, padding=False) + "\n"
 
 
-def swarp(inputs: Sequence[SwarpInput], options: Mapping[str, object] | None = None, *,
-          template: tuple[fits.Header, tuple[int, int]] | None = None, timeout: float = 1800) -> SwarpResult:
-    """Resample ``inputs`` onto one grid and combine them (see the module docstring)."""
-    if not inputs:
-        raise ToolError("swarp was given no image")
-    conf = str(astromatic.config_file(CONFIG))
-    with tempfile.TemporaryDirectory(prefix="gppy-swarp-") as tmp:
-        cwd = Path(tmp)
-        names = []
-        for k, item in enumerate(inputs):
-            name = f"in{k:03d}.fits"
-            header = clean_header(item.header, commentary=False)
-            fits.PrimaryHDU(np.asarray(item.data, np.float32), header).writeto(cwd / name)
-            weight = np.ones(item.data.shape, np.float32) if item.weight is None else item.weight
-            fits.PrimaryHDU(np.asarray(weight, np.float32)).writeto(cwd / f"in{k:03d}.weight.fits")
-            names.append(name)
-        (cwd / "inputs.lis").write_text("\n".join(names) + "\n")
+class Coadd:
+    """One SWarp run in its own temporary directory, fed one input at a time.
+
+    Each ``add`` writes the image and its weight map to disk at once, so a caller that loads a
+    frame, adds it and lets it go holds one frame whatever the number of inputs; SWarp then
+    co-adds from disk within swarp.conf's MEM_MAX / COMBINE_BUFSIZE (VMEM beyond them).
+    ``set_keys`` gives an input header cards known only once every input is in (``FLXSCALE``
+    from the common zero point), as the input's ``.head`` file, which SWarp reads over the
+    image's own header.
+    """
+
+    def __init__(self):
+        self._tmp = tempfile.TemporaryDirectory(prefix="gppy-swarp-")
+        self.cwd = Path(self._tmp.name)
+        self.names: list[str] = []
+
+    def __enter__(self) -> "Coadd":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._tmp.cleanup()
+
+    def add(self, item: SwarpInput) -> int:
+        """Write one input; its index (for ``set_keys``)."""
+        k = len(self.names)
+        name = f"in{k:03d}.fits"
+        header = clean_header(item.header, commentary=False)
+        fits.PrimaryHDU(np.asarray(item.data, np.float32), header).writeto(self.cwd / name)
+        weight = np.ones(item.data.shape, np.float32) if item.weight is None else item.weight
+        fits.PrimaryHDU(np.asarray(weight, np.float32)).writeto(self.cwd / f"in{k:03d}.weight.fits")
+        self.names.append(name)
+        return k
+
+    def set_keys(self, index: int, cards: Mapping[str, object]) -> None:
+        h = fits.Header()
+        for key, value in cards.items():
+            h[key] = value
+        (self.cwd / f"in{index:03d}.head").write_text(h.tostring(sep="\n", endcard=True, padding=False) + "\n")
+
+    def run(self, options: Mapping[str, object] | None = None, *,
+            template: tuple[fits.Header, tuple[int, int]] | None = None, timeout: float = 1800) -> SwarpResult:
+        if not self.names:
+            raise ToolError("swarp was given no image")
+        cwd = self.cwd
+        (cwd / "inputs.lis").write_text("\n".join(self.names) + "\n")
         if template is not None:
             (cwd / "coadd.head").write_text(template_text(*template))
-        args = ["@inputs.lis", "-c", conf, "-IMAGEOUT_NAME", "coadd.fits", "-WEIGHTOUT_NAME", "coadd.weight.fits",
-                "-RESAMPLE_DIR", ".", "-VMEM_DIR", ".", "-WRITE_XML", "N"]
+        args = ["@inputs.lis", "-c", str(astromatic.config_file(CONFIG)), "-IMAGEOUT_NAME", "coadd.fits",
+                "-WEIGHTOUT_NAME", "coadd.weight.fits", "-RESAMPLE_DIR", ".", "-VMEM_DIR", ".", "-WRITE_XML", "N"]
         args += astromatic.option_args(options or {})
         proc = astromatic.run_tool("swarp", args, cwd, timeout=timeout)
         out, wout = cwd / "coadd.fits", cwd / "coadd.weight.fits"
@@ -91,7 +119,17 @@ def swarp(inputs: Sequence[SwarpInput], options: Mapping[str, object] | None = N
             image = np.asarray(hdul[0].data, np.float32)
             header = hdul[0].header.copy()
         weight = np.asarray(fits.getdata(wout), np.float32)
-    return SwarpResult(image=image, weight=weight, header=header)
+        return SwarpResult(image=image, weight=weight, header=header)
+
+
+def swarp(inputs: Iterable[SwarpInput], options: Mapping[str, object] | None = None, *,
+          template: tuple[fits.Header, tuple[int, int]] | None = None, timeout: float = 1800) -> SwarpResult:
+    """Resample ``inputs`` onto one grid and combine them (see the module docstring); a generator
+    of inputs is written one at a time (``Coadd``)."""
+    with Coadd() as coadd:
+        for item in inputs:
+            coadd.add(item)
+        return coadd.run(options, template=template, timeout=timeout)
 
 
 def resample(item: SwarpInput, header: fits.Header, shape: tuple[int, int],
