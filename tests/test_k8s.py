@@ -160,10 +160,110 @@ def test_names_the_workflow_uses_exist(docs):
     assert repo["archiveLogs"] is True and repo["s3"]["bucket"]
     assert repo["s3"]["accessKeySecret"]["name"] == "gppy-s3"
     for v in t["spec"]["volumes"]:
-        assert v["configMap"]["name"] in cms
+        assert "configMap" not in v or v["configMap"]["name"] in cms
     assert workflow.CONFIG_FILE in cms["gppy-config"]["data"]
     for tpl in t["spec"]["templates"]:
         for ref in (tpl.get("container") or {}).get("envFrom", []):
             if "configMapRef" in ref:
                 assert ref["configMapRef"]["name"] in cms
     assert {d["metadata"]["namespace"] for d in docs if "namespace" in d["metadata"]} == {workflow.NAMESPACE}
+
+
+# --- Pod Security "restricted" -----------------------------------------------------------------
+# The rules of https://kubernetes.io/docs/concepts/security/pod-security-standards/ (baseline and
+# restricted), written out here from the standard, plus the read-only root filesystem this
+# project asks of every container. Applied to every pod that can run in the namespace: the
+# watcher's CronJob and each pod of the night workflow (its container template plus the init and
+# wait containers Argo adds, as the template's podSpecPatch sets them).
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    out = []
+    psc = pod.get("securityContext") or {}
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            out.append(f"pod: {key}")
+    for vol in pod.get("volumes") or []:
+        kinds = set(vol) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            out.append(f"volume {vol['name']}: {sorted(kinds - RESTRICTED_VOLUMES)}")
+    containers = (pod.get("initContainers") or []) + (pod.get("containers") or [])
+    if not containers:
+        out.append("pod: no containers")
+    for c in containers:
+        sc, name = c.get("securityContext") or {}, c.get("name")
+        if sc.get("privileged"):
+            out.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{name}: allowPrivilegeEscalation not false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            out.append(f"{name}: capabilities not dropped")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            out.append(f"{name}: capabilities added")
+        if not sc.get("runAsNonRoot", psc.get("runAsNonRoot")):
+            out.append(f"{name}: runAsNonRoot not true")
+        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+            out.append(f"{name}: runs as uid 0")
+        profile = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if profile not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{name}: seccomp profile {profile}")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            out.append(f"{name}: root filesystem writable")
+        if any(p.get("hostPort") for p in c.get("ports") or []):
+            out.append(f"{name}: hostPort")
+    return out
+
+
+def _workflow_pods(template: dict) -> dict[str, dict]:
+    """Each container template's pod as Argo makes it: the template's pod settings, the main
+    container, and Argo's init and wait containers merged with the podSpecPatch."""
+    import json
+
+    spec = template["spec"]
+    patch = json.loads(spec.get("podSpecPatch") or "{}")
+    argo = {"initContainers": [{"name": "init"}], "containers": [{"name": "wait"}]}
+    for field, extra in argo.items():
+        for c in extra:
+            c.update(next((p for p in patch.get(field, []) if p["name"] == c["name"]), {}))
+    pods = {}
+    for t in spec["templates"]:
+        if "container" not in t:
+            continue
+        main = dict(t["container"], name="main")
+        pods[t["name"]] = {"securityContext": spec.get("securityContext"), "volumes": spec.get("volumes"),
+                           "initContainers": argo["initContainers"], "containers": [main] + argo["containers"]}
+    return pods
+
+
+def test_every_pod_passes_pod_security_restricted(docs):
+    ns = _find(docs, "Namespace", workflow.NAMESPACE)[0]
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    pods = {f"cronjob {d['metadata']['name']}": d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+            for d in _find(docs, "CronJob")}
+    template = _find(docs, "WorkflowTemplate", workflow.TEMPLATE_NAME)[0]
+    pods.update({f"workflow {k}": v for k, v in _workflow_pods(template).items()})
+    assert len(pods) > 5
+    bad = {name: v for name, pod in pods.items() if (v := restricted_violations(pod))}
+    assert bad == {}
+    # the read-only root leaves the stages /tmp and the scratch root, and says where it is
+    for name, pod in _workflow_pods(template).items():
+        main = pod["containers"][0]
+        assert {v["mountPath"] for v in main["volumeMounts"]} >= {"/tmp", "/scratch"}, name
+        assert {"name": "GPPY_SCRATCH", "value": "/scratch"} in main["env"], name
+
+
+def test_the_restricted_check_catches_what_it_should(docs):
+    template = _find(docs, "WorkflowTemplate", workflow.TEMPLATE_NAME)[0]
+    pod = copy.deepcopy(next(iter(_workflow_pods(template).values())))
+    assert restricted_violations(pod) == []
+    pod["containers"][0]["securityContext"].pop("readOnlyRootFilesystem")
+    pod["containers"][1]["securityContext"]["allowPrivilegeEscalation"] = True
+    pod["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    pod["initContainers"][0].pop("securityContext")
+    found = restricted_violations(pod)
+    assert "main: root filesystem writable" in found and "wait: allowPrivilegeEscalation not false" in found
+    assert "volume host: ['hostPath']" in found and "init: capabilities not dropped" in found

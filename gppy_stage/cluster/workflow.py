@@ -17,6 +17,7 @@ Run ``python -m gppy_stage.cluster.workflow render`` to write ``workflows/*.yaml
 
 from __future__ import annotations
 
+import json
 import sys
 import tomllib
 from pathlib import Path
@@ -44,6 +45,10 @@ ARTIFACT_REPOSITORY = ("artifact-repositories", "gppy-logs")
 CONFIG_DIR = "/opt/gppy/config"
 CONFIG_FILE = "pipeline.yaml"
 OUTPUTS_DIR = "/tmp/outputs"
+# the root filesystem is read-only (Pod Security "restricted" and then some): a stage writes only
+# to these two emptyDirs. /tmp holds the planner's outputs and HOME (astropy's and CuPy's caches);
+# the scratch root holds each invocation's working folders (gppy_stage/scratch.py, GPPY_SCRATCH)
+TMP_DIR, SCRATCH_DIR = "/tmp", "/scratch"
 GPU_RESOURCE = "nvidia.com/gpu"
 POOL_LABEL = "gppy.io/pool"
 # items of one fan-out running at once inside one night (bounded so one night cannot flood
@@ -141,6 +146,11 @@ def _env(stage: graph.Stage) -> tuple[list, list]:
         m.EnvVar(name="GPPY_CONFIG", value=CONFIG_DIR),
         m.EnvVar(name="GPPY_DEVICE", value="gpu" if stage.gpu else "cpu"),
         m.EnvVar(name="GPPY_STAGE", value=stage.name),
+        m.EnvVar(name="GPPY_SCRATCH", value=SCRATCH_DIR),
+        # the image's home folder is on the read-only root: caches (astropy, CuPy's kernels) go to /tmp
+        m.EnvVar(name="HOME", value=TMP_DIR),
+        m.EnvVar(name="XDG_CACHE_HOME", value=f"{TMP_DIR}/.cache"),
+        m.EnvVar(name="CUPY_CACHE_DIR", value=f"{TMP_DIR}/.cupy"),
     ]
     # credentials come only from Secrets; the endpoint and region from a ConfigMap
     env_from = [
@@ -191,12 +201,18 @@ def _container(stage: graph.Stage) -> Container:
         resources=m.ResourceRequirements(requests=requests, limits=limits),
         env=env,
         env_from=env_from,
-        volume_mounts=[m.VolumeMount(name="config", mount_path=f"{CONFIG_DIR}/{CONFIG_FILE}", sub_path=CONFIG_FILE, read_only=True)],
+        volume_mounts=[
+            m.VolumeMount(name="config", mount_path=f"{CONFIG_DIR}/{CONFIG_FILE}", sub_path=CONFIG_FILE, read_only=True),
+            m.VolumeMount(name="tmp", mount_path=TMP_DIR),
+            m.VolumeMount(name="scratch", mount_path=SCRATCH_DIR),
+        ],
         retry_strategy=_retry(),
         active_deadline_seconds=STAGE_DEADLINE_S,
         priority_class_name="{{workflow.parameters.priority-class}}",
         security_context=m.SecurityContext(
-            run_as_non_root=True, allow_privilege_escalation=False, capabilities=m.Capabilities(drop=["ALL"])
+            run_as_non_root=True, run_as_user=10001, allow_privilege_escalation=False, privileged=False,
+            read_only_root_filesystem=True, capabilities=m.Capabilities(drop=["ALL"]),
+            seccomp_profile=m.SeccompProfile(type="RuntimeDefault"),
         ),
         **kwargs,
     )
@@ -231,6 +247,19 @@ def _dag_deps(stages: list[graph.Stage], task_of: dict[str, str], own: str) -> l
             if t != own and t not in deps:
                 deps.append(t)
     return deps
+
+
+# Argo adds its own containers to every pod (``init``, ``wait``) and gives them no security
+# context of their own unless the controller's executor config does: this patch (merged by
+# container name into each pod) makes them pass Pod Security "restricted" too, so the namespace
+# can enforce it whatever the controller's settings
+_EXECUTOR_SECURITY = {"allowPrivilegeEscalation": False, "privileged": False, "readOnlyRootFilesystem": True,
+                      "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
+                      "seccompProfile": {"type": "RuntimeDefault"}}
+POD_SPEC_PATCH = json.dumps({
+    "initContainers": [{"name": "init", "securityContext": _EXECUTOR_SECURITY}],
+    "containers": [{"name": "wait", "securityContext": _EXECUTOR_SECURITY}],
+}, sort_keys=True)
 
 
 def build_template() -> WorkflowTemplate:
@@ -269,10 +298,17 @@ def build_template() -> WorkflowTemplate:
         pod_priority_class_name="{{workflow.parameters.priority-class}}",
         synchronization=_semaphore(SEM_NIGHTS),
         active_deadline_seconds=24 * 3600,
-        volumes=[m.Volume(name="config", config_map=m.ConfigMapVolumeSource(name="gppy-config"))],
+        volumes=[
+            m.Volume(name="config", config_map=m.ConfigMapVolumeSource(name="gppy-config")),
+            # no size limits: a stack's SWarp resampling of 61-Mpix frames and a calibrated frame
+            # being written (550 MB) need what they need; the node's ephemeral storage bounds them
+            m.Volume(name="tmp", empty_dir=m.EmptyDirVolumeSource()),
+            m.Volume(name="scratch", empty_dir=m.EmptyDirVolumeSource()),
+        ],
         security_context=m.PodSecurityContext(
             run_as_non_root=True, run_as_user=10001, fs_group=10001, seccomp_profile=m.SeccompProfile(type="RuntimeDefault")
         ),
+        pod_spec_patch=POD_SPEC_PATCH,
     ) as wt:
         containers = {s.name: _container(s) for s in stages}
 
