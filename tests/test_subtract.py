@@ -7,7 +7,9 @@ injected fluxes, the flux-scale ratio, and the per-pixel variances of the noisel
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +18,10 @@ from gppy_stage.errors import BadInputError, ConfigError, ToolMissingError
 from gppy_stage.tools import hotpants as sh
 from gppy_stage.science.kernel import measure_fwhm
 from gppy_stage.science.subtract import SubtractionResult, subtract
-from gppy_stage.science.subtract_native import box_dilate, fft_convolve, kernel_basis
+from gppy_stage.science.subtract_native import box_dilate, fft_convolve, kernel_basis, stamp_convolutions
 from gppy_stage.science.subtract_sim import make_pair
 
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_subtract.py"
 SHAPE = (512, 512)
 SCALE = 1.3
 INJ_FLUX = 1.0e5  # in reference units
@@ -144,6 +147,46 @@ def test_moffat_pair_and_forced_direction():
     assert f.kernel_info["chi2"] > r.kernel_info["chi2"]
 
 
+@pytest.fixture(scope="module")
+def tiled_pair():
+    # 1024^2 in 2x2 tiles, against the same pair solved as one tile (an independent solution)
+    p = make_pair((1024, 1024), n_stars=1000, fwhm_new=4.0, fwhm_ref=2.5, flux_scale=SCALE, fwhm_new_gradient=0.15,
+                  seed=5)
+    kw = dict(new_var=p["new_var"], ref_var=p["ref_var"])
+    return p, subtract(p["new"], p["ref"], tile=512, **kw), subtract(p["new"], p["ref"], tile=1024, **kw)
+
+
+def test_tiles_stitch_without_seams(tiled_pair):
+    p, tiled, whole = tiled_pair
+    ki = tiled.kernel_info
+    assert ki["n_tiles"] == 4 and whole.kernel_info["n_tiles"] == 1
+    print("tile flux scales", np.round(ki["tile_sums"], 4), "whole", round(whole.kernel_info["flux_scale"], 4))
+    assert np.all(np.abs(np.array(ki["tile_sums"]) / SCALE - 1) < 0.01)  # each tile's own kernel, each right
+    assert abs(ki["flux_scale"] / SCALE - 1) < 0.01
+    n = 1024
+    yy, xx = np.mgrid[:n, :n]
+    free = np.ones((n, n), bool)
+    for x, y in zip(np.rint(p["x"]).astype(int), np.rint(p["y"]).astype(int)):
+        free[max(y - 15, 0):y + 16, max(x - 15, 0):x + 16] = False
+    free &= ~tiled.mask & ~whole.mask
+    border = (np.abs(xx - 512) < 40) | (np.abs(yy - 512) < 40)
+    z = tiled.diff / tiled.noise
+    dz = (tiled.diff - whole.diff) / whole.noise
+    print(f"tiled z: border std {z[free & border].std():.4f} mean {z[free & border].mean():.4f}, interior std "
+          f"{z[free & ~border].std():.4f} mean {z[free & ~border].mean():.4f}; tiled - whole: border std "
+          f"{dz[free & border].std():.4f}")
+    # the residuals along the tile borders look like those inside the tiles...
+    assert abs(z[free & border].std() - z[free & ~border].std()) < 0.03
+    assert abs(z[free & border].mean() - z[free & ~border].mean()) < 0.03
+    assert abs(z[free & border].std() - 1) < 0.03
+    # ...and the tiled solution departs from the whole-frame one by a small fraction of the noise,
+    # with no step from one side of a border to the other
+    assert dz[free & border].std() < 0.05 and abs(dz[free & border].mean()) < 0.02
+    for lo, hi in ((free & (xx >= 504) & (xx < 512), free & (xx >= 512) & (xx < 520)),
+                   (free & (yy >= 504) & (yy < 512), free & (yy >= 512) & (yy < 520))):
+        assert abs(dz[hi].mean() - dz[lo].mean()) < 0.01
+
+
 def test_masks_propagated(pair):
     ref = pair["ref"].copy()
     ref[200:210, 300:310] = np.nan  # a bad block in the convolved image
@@ -167,6 +210,16 @@ def test_fft_convolve_matches_direct():
     ours = fft_convolve(img, ker)
     ref = convolve2d(img, ker, mode="same", boundary="fill")
     assert np.allclose(ours, ref, atol=1e-10)
+
+
+def test_separable_stamp_convolutions_match_fft():
+    rng = np.random.default_rng(2)
+    sigmas, degrees, h, S = (0.7, 1.4, 2.8), (6, 4, 2), 8, 21
+    cuts = rng.normal(size=(4, S + 2 * h, S + 2 * h))
+    ours = stamp_convolutions(cuts, sigmas, degrees, h)
+    direct = fft_convolve(cuts[:, None], kernel_basis(sigmas, degrees, h)[None])[..., h:h + S, h:h + S]
+    assert ours.shape == (4, 49, S, S)
+    assert np.allclose(ours, direct, atol=1e-10)
 
 
 def test_box_dilate_matches_scipy():
@@ -193,6 +246,22 @@ def test_bad_inputs():
     with pytest.raises(BadInputError):  # flat images: no stars to fit a kernel on
         rng = np.random.default_rng(0)
         subtract(rng.normal(100, 5, (128, 128)), rng.normal(100, 5, (128, 128)))
+
+
+@pytest.mark.slow
+def test_full_size_frame_in_tiles_under_3_gib(tmp_path):
+    """A 9576x6388 pair through the native engine in its own process, as the stage runs it."""
+    spec = importlib.util.spec_from_file_location("bench_subtract", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    truth = bench.make_inputs(str(tmp_path), bench.SIZES["full"])
+    r = bench.run_child("native", str(tmp_path), timeout=600)
+    print(r)
+    assert "error" not in r, r
+    assert r["n_tiles"] > 1 and truth["shape"] == [6388, 9576]
+    assert r["peak_rss_mb"] <= 3 * 1024, r  # the float32 pair held in memory included
+    assert 0.97 <= r["noise_ratio"] <= 1.01, r
+    assert abs(r["flux_scale"] / SCALE - 1) < 0.01, r
 
 
 # ------------------------------------------------------------------------------ HOTPANTS

@@ -27,6 +27,7 @@ only star finding (sep, a handful of positions) runs on the host.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -45,9 +46,9 @@ DEFAULTS = dict(
     kernel_half=None,       # None: from the Gaussian widths
     gauss_sigmas=None,      # None: (0.5, 1, 2) x sigma_match (HOTPANTS README's rule of thumb)
     gauss_degrees=GAUSS_DEGREES,
-    spatial_order=2,        # within one tile
+    spatial_order=None,     # within one tile; None: 2 for a frame in one tile, 1 for a frame in several
     bg_order=1,
-    max_stamps=300,         # per tile
+    max_stamps=150,         # per tile
     stamp_grid=(6, 6),      # stamps are picked round-robin from these cells of a tile
     stamp_snr=30.0,         # minimum S/N of a stamp star in both images
     clip_sigma=3.0,
@@ -119,21 +120,24 @@ def _apply_kernel_fft(fi, kernels, fft_shape, out_hw, xp, offset=(0, 0)):
     return out[..., offset[0]:offset[0] + out_hw[0], offset[1]:offset[1] + out_hw[1]]
 
 
+def _ndimage(xp):
+    """scipy.ndimage for NumPy arrays, cupyx.scipy.ndimage for CuPy ones (the same functions)."""
+    if xp is numpy:
+        import scipy.ndimage
+
+        return scipy.ndimage
+    import cupyx.scipy.ndimage
+
+    return cupyx.scipy.ndimage
+
+
 def box_dilate(mask, r: int, xp=numpy):
-    """Grow a boolean mask by a (2r+1)^2 square, through cumulative sums (exact, any namespace)."""
+    """Grow a boolean mask by a (2r+1)^2 square: a running maximum along each axis (exact)."""
     if r <= 0:
         return mask.astype(bool)
-    m = mask.astype(xp.int32)
-    for axis in (0, 1):
-        c = xp.cumsum(m, axis=axis)
-        n = m.shape[axis]
-        pad_shape = list(m.shape)
-        pad_shape[axis] = 1
-        c = xp.concatenate([xp.zeros(pad_shape, dtype=c.dtype), c], axis=axis)
-        hi = xp.clip(xp.arange(n) + r + 1, 0, n)
-        lo = xp.clip(xp.arange(n) - r, 0, n)
-        m = xp.take(c, hi, axis=axis) - xp.take(c, lo, axis=axis)
-    return m > 0
+    nd = _ndimage(xp)
+    m = nd.maximum_filter1d(mask.astype(xp.uint8), 2 * r + 1, axis=0, mode="constant")
+    return nd.maximum_filter1d(m, 2 * r + 1, axis=1, mode="constant") > 0
 
 
 def poly_exponents(order: int) -> list[tuple[int, int]]:
@@ -163,22 +167,57 @@ def _norm_coords(x, y, box):
     return (x - (x0 + x1 - 1) / 2.0) / hx, (y - (y0 + y1 - 1) / 2.0) / hy
 
 
-def kernel_basis(sigmas, degrees, half: int, xp=numpy):
-    """(n, 2h+1, 2h+1) basis: b0 a unit-sum Gaussian, the rest zero-sum and unit-norm."""
+def _basis_map(sigmas, degrees, half: int, xp=numpy):
+    """(raw, M): the raw separable functions g_s(x) g_s(y) (x/h)^a (y/h)^b, one (s, a, b) per row,
+    and the matrix that makes them the basis (b0 unit sum, the rest zero sum and unit norm)."""
     yy, xx = xp.mgrid[-half:half + 1, -half:half + 1].astype(xp.float64)
     xs, ys = xx / half, yy / half  # polynomial in scaled coordinates keeps x^6 near 1
-    basis = []
+    raw = []
     for s, deg in zip(sigmas, degrees):
         g = xp.exp(-(xx**2 + yy**2) / (2.0 * s * s))
-        for n in range(deg + 1):
-            for j in range(n + 1):
-                basis.append(g * xs ** (n - j) * ys ** j)
-    b0 = basis[0] / basis[0].sum()
-    out = [b0]
-    for b in basis[1:]:
-        b = b - b.sum() * b0  # zero sum: these may vary over the field without changing flux
-        out.append(b / xp.sqrt((b * b).sum()))
-    return xp.stack(out)
+        raw += [g * xs ** a * ys ** b for a, b in poly_exponents(deg)]
+    raw = xp.stack(raw)
+    sums = to_numpy(raw.sum(axis=(1, 2)))
+    b0 = raw[0] / sums[0]
+    M = numpy.zeros((len(sums), len(sums)))
+    M[0, 0] = 1.0 / sums[0]
+    for i in range(1, len(sums)):
+        b = raw[i] - sums[i] * b0  # zero sum: these may vary over the field without changing flux
+        norm = float(xp.sqrt((b * b).sum()))
+        M[i, i], M[i, 0] = 1.0 / norm, -sums[i] / (sums[0] * norm)
+    return raw, M
+
+
+def kernel_basis(sigmas, degrees, half: int, xp=numpy):
+    """(n, 2h+1, 2h+1) basis: b0 a unit-sum Gaussian, the rest zero-sum and unit-norm."""
+    raw, M = _basis_map(sigmas, degrees, half, xp)
+    return xp.tensordot(xp.asarray(M), raw, axes=(1, 0))
+
+
+def stamp_convolutions(cuts, sigmas, degrees, half: int, xp=numpy):
+    """(ns, nb, S, S): stamps ``cuts (ns, S + 2h, S + 2h)`` convolved ('valid') with every basis
+    function. Each raw function is separable, so two matrix products per Gaussian do the work of
+    ns * nb small 2-D FFTs; the basis is then a linear map of the raw results."""
+    ns, R = cuts.shape[0], cuts.shape[-1]
+    S = R - 2 * half
+    t = xp.arange(-half, half + 1, dtype=xp.float64)
+    shift = xp.arange(S)[None, :] + half - xp.arange(R)[:, None]  # (R, S): kernel offset of c -> x
+    inside = xp.abs(shift) <= half
+    idx = xp.clip(shift + half, 0, 2 * half)
+    flat = cuts.reshape(ns * R, R)
+    out = []
+    for s, deg in zip(sigmas, degrees):
+        k1 = [xp.exp(-t * t / (2.0 * s * s)) * (t / half) ** a for a in range(deg + 1)]
+        T = xp.stack([xp.where(inside, k[idx], 0.0) for k in k1])  # (n, R, S) Toeplitz matrices
+        X = (flat @ xp.transpose(T, (1, 0, 2)).reshape(R, -1)).reshape(ns, R, deg + 1, S)  # along x
+        X = xp.ascontiguousarray(xp.transpose(X, (2, 1, 0, 3))).reshape(deg + 1, R, ns * S)
+        Ty = xp.transpose(T, (0, 2, 1)).reshape((deg + 1) * S, R)
+        # along y, only the powers b <= deg - a that the basis has
+        Y = [(Ty[: (deg - a + 1) * S] @ X[a]).reshape(deg - a + 1, S, ns, S) for a in range(deg + 1)]
+        out += [Y[a][b] for a, b in poly_exponents(deg)]
+    raw = xp.transpose(xp.stack(out), (2, 0, 1, 3))  # (ns, nraw, S, S)
+    _, M = _basis_map(sigmas, degrees, half, xp)
+    return xp.transpose(xp.tensordot(raw, xp.asarray(M), axes=([1], [1])), (0, 3, 1, 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,14 +434,15 @@ def _stamp_stack(img, centres, half, xp):
     return img[yy, xx].reshape(len(centres), n, n)
 
 
-def _design(src, tgt, src_var, tgt_var, centres, basis, box, *, stamp_half, bg_order, spatial_order, xp):
-    """Per-stamp design matrices (ns, npix, nc), targets, variances and spatial terms (ns, nk)."""
-    nb, K = basis.shape[0], basis.shape[-1]
-    hw = K // 2
+def _design(src, tgt, src_var, tgt_var, centres, spec, box, *, stamp_half, bg_order, spatial_order, xp):
+    """Per-stamp design matrices (ns, nc, npix), targets, variances and spatial terms (ns, nk);
+    ``spec`` = (sigmas, degrees, half) of the basis."""
+    hw = spec[2]
     S = 2 * stamp_half + 1
     ns = len(centres)
     src_cut = xp.asarray(_stamp_stack(src, centres, stamp_half + hw, xp), dtype=xp.float64)
-    conv = fft_convolve(src_cut[:, None], basis[None], xp)[..., hw:hw + S, hw:hw + S]  # (ns, nb, S, S)
+    conv = stamp_convolutions(src_cut, *spec, xp=xp)  # (ns, nb, S, S)
+    nb = conv.shape[1]
     cut = [xp.asarray(_stamp_stack(a, centres, stamp_half, xp), dtype=xp.float64).reshape(ns, S * S)
            for a in (tgt, tgt_var, src_var)]
     off = xp.arange(-stamp_half, stamp_half + 1, dtype=xp.float64)
@@ -415,42 +455,54 @@ def _design(src, tgt, src_var, tgt_var, centres, basis, box, *, stamp_half, bg_o
     D = xp.concatenate([conv.reshape(ns, nb, S * S), xp.stack(bg_cols, axis=1)], axis=1)  # (ns, nc, npix)
     su, sv = _norm_coords(cxs, cys, box)
     P = xp.stack(poly_terms(su, sv, spatial_order), axis=1)  # (ns, nk)
-    return xp.ascontiguousarray(xp.transpose(D, (0, 2, 1))), cut[0], cut[1], cut[2], P
+    return xp.ascontiguousarray(D), cut[0], cut[1], cut[2], P
+
+
+def _pinv_solve(A, b, xp, rcond=1e-12):
+    """Pseudo-inverse solution of a symmetric positive semi-definite system. Gaussians times
+    high-degree polynomials are nearly collinear, so directions below rcond of the largest
+    eigenvalue are dropped, as lstsq would; an eigendecomposition does it at a third of the cost."""
+    lam, V = xp.linalg.eigh(A)
+    keep = lam > rcond * float(lam.max())
+    inv = xp.where(keep, 1.0 / xp.where(keep, lam, 1.0), 0.0)
+    return V @ (inv * (V.T @ b))
 
 
 def _solve(D, w, t, P, good, sel, xp):
-    """Coefficients (nc, nk) of the stamps flagged good (Jacobi-scaled pseudo-inverse)."""
-    nc, nk = D.shape[-1], P.shape[1]
+    """Coefficients (nc, nk) of the stamps flagged good (Jacobi-scaled pseudo-inverse);
+    ``D`` is (ns, nc, npix), contiguous, so every product below is a BLAS call."""
+    nc, nk = D.shape[1], P.shape[1]
     gmask = xp.asarray(good)
     Dg, wg, tg, Pg = D[gmask], w[gmask], t[gmask], P[gmask]
-    Dw = Dg * wg[:, :, None]
-    G = xp.matmul(xp.transpose(Dw, (0, 2, 1)), Dg)  # (ns, nc, nc): batched BLAS, not einsum loops
-    r = xp.einsum("spi,sp->si", Dw, tg)
+    Dw = Dg * wg[:, None, :]
+    G = xp.einsum("sip,sjp->sij", Dw, Dg)  # (ns, nc, nc); numpy's batched matmul of a transpose is far slower
+    r = xp.matmul(Dw, tg[:, :, None])[..., 0]
     Q = Pg[:, :, None] * Pg[:, None, :]
     N = xp.tensordot(G, Q, axes=([0], [0]))  # (nc, nc, nk, nk)
     N = xp.transpose(N, (0, 2, 1, 3)).reshape(nc * nk, nc * nk)
     R = (r[:, :, None] * Pg[:, None, :]).sum(axis=0).reshape(nc * nk)
     Ns = N[sel][:, sel]
     d = 1.0 / xp.sqrt(xp.maximum(xp.diag(Ns), 1e-300))
-    # Gaussians times high-degree polynomials are nearly collinear: a pseudo-inverse is the safe way
-    y = xp.linalg.lstsq(Ns * d[:, None] * d[None, :], R[sel] * d, rcond=1e-12)[0]
+    y = _pinv_solve(Ns * d[:, None] * d[None, :], R[sel] * d, xp)
     coef = xp.zeros(nc * nk, dtype=xp.float64)
     coef[sel] = y * d
     return coef.reshape(nc, nk)
 
 
-def fit_kernel(src, tgt, src_var, tgt_var, centres, basis, *, stamp_half, spatial_order, bg_order,
+def fit_kernel(src, tgt, src_var, tgt_var, centres, spec, *, stamp_half, spatial_order, bg_order,
                clip_sigma, max_iter, min_stamps, box=None, xp=numpy):
-    """Least-squares kernel + background coefficients with stamp-level clipping; ``box`` is the
-    region (y0, y1, x0, x1) the spatial polynomials are scaled to (default: the whole image).
+    """Least-squares kernel + background coefficients with stamp-level clipping. ``spec`` =
+    (sigmas, degrees, half) of the basis; ``box`` is the region (y0, y1, x0, x1) the spatial
+    polynomials are scaled to (default: the whole image).
 
     Returns (coef (nb + nbg, nk) array with unfitted combinations zero, info dict).
     """
+    basis = kernel_basis(*spec, xp=xp)
     nb = basis.shape[0]
     box = box or (0, src.shape[0], 0, src.shape[1])
-    D, t, vt, vs, P = _design(src, tgt, src_var, tgt_var, centres, basis, box, stamp_half=stamp_half,
+    D, t, vt, vs, P = _design(src, tgt, src_var, tgt_var, centres, spec, box, stamp_half=stamp_half,
                               bg_order=bg_order, spatial_order=spatial_order, xp=xp)
-    nc, nk, ns = D.shape[-1], P.shape[1], len(centres)
+    nc, nk, ns = D.shape[1], P.shape[1], len(centres)
     # unknowns: b0 constant; b1.. with every spatial term; background terms are per-pixel already
     sel = xp.asarray([0] + [i * nk + k for i in range(1, nb) for k in range(nk)]
                      + [(nb + j) * nk for j in range(nc - nb)])
@@ -459,7 +511,7 @@ def fit_kernel(src, tgt, src_var, tgt_var, centres, basis, *, stamp_half, spatia
     for n_iter in range(1, max_iter + 1):
         # the convolved source's variance is var * sum(K^2); a first guess of 1 is refined below
         coef = _solve(D, 1.0 / (vt + vs * ksq), t, P, good, sel, xp)
-        model = xp.einsum("spi,si->sp", D, P @ coef.T)
+        model = xp.matmul((P @ coef.T)[:, None, :], D)[:, 0, :]
         kern_c = xp.tensordot(coef[:nb, 0], basis, axes=(0, 0))
         ksq_new = float((kern_c * kern_c).sum())
         resid = t - model
@@ -494,6 +546,7 @@ class _Match:
     cat_src: tuple
     cat_tgt: tuple
     basis: object
+    spec: tuple
     hw: int
     convolved: str
     cfg: dict
@@ -530,10 +583,12 @@ def _solve_tile(m: _Match, tile: Tile):
         raise BadInputError(f"only {len(centres)} usable stamp stars for the tile at rows {tile.core[0]}:"
                             f"{tile.core[1]}, columns {tile.core[2]}:{tile.core[3]} (need {cfg['min_stamps']})")
     order = cfg["spatial_order"]
+    if order is None:  # a tile spans a fraction of the field: its PSF changes almost linearly
+        order = 2 if tile.core == (0, m.shape[0], 0, m.shape[1]) else 1
     # each spatial order needs enough stamps to pin down its nb * nk unknowns across the tile
     while order > 0 and len(centres) < 3 * (order + 1) * (order + 2) // 2:
         order -= 1
-    coef, fit = fit_kernel(src, tgt, src_var, tgt_var, centres, m.basis, stamp_half=cfg["stamp_half"],
+    coef, fit = fit_kernel(src, tgt, src_var, tgt_var, centres, m.spec, stamp_half=cfg["stamp_half"],
                            spatial_order=order, bg_order=cfg["bg_order"], clip_sigma=cfg["clip_sigma"],
                            max_iter=cfg["max_iter"], min_stamps=cfg["min_stamps"], box=region, xp=m.xp)
     fit.update(order=order, stamp_xy=[[x + cut[2], y + cut[0]] for x, y in fit["stamp_xy"]])
@@ -556,7 +611,10 @@ def _apply_tile(m: _Match, tile: Tile, coef, order, cut, region, arrays):
     model = _poly_image({e: c for e, c in zip(poly_exponents(m.cfg["bg_order"]), to_numpy(coef[nb:, 0]))}, u, v, xp)
     for k, (i, j) in enumerate(poly_exponents(order)):
         conv = _apply_kernel_fft(f_src, kernels[k], fft_shape, out_hw, xp, off)
-        model += conv * (v ** j)[:, None].astype(xp.float32) * (u ** i)[None, :].astype(xp.float32)
+        if i or j:  # in place: a full-tile temporary per factor costs as much as the FFT
+            conv *= (v ** j)[:, None].astype(xp.float32)
+            conv *= (u ** i)[None, :].astype(xp.float32)
+        model += conv
     del f_src
     gram = to_numpy(xp.einsum("kab,lab->kl", kernels.astype(xp.float64), kernels.astype(xp.float64)))
     ksq = {}
@@ -634,8 +692,21 @@ def _setup(new, ref, new_var, ref_var, new_mask, ref_mask, cfg, xp, pool, tiles)
     hw = kernel_half_width(sigmas, cfg["kernel_half"])
     basis = kernel_basis(sigmas, tuple(cfg["gauss_degrees"]), hw, xp)
     m = _Match(src=frames[convolved], tgt=frames[target], cat_src=stars[convolved][0], cat_tgt=stars[target][0],
-               basis=basis, hw=hw, convolved=convolved, cfg=cfg, shape=new.shape, xp=xp)
+               basis=basis, spec=(sigmas, tuple(cfg["gauss_degrees"]), hw), hw=hw, convolved=convolved, cfg=cfg, shape=new.shape, xp=xp)
     return m, fw, sigmas
+
+
+def _one_blas_thread(xp):
+    """Each BLAS call on one core: the matrices are small (a few hundred rows), the parallelism
+    is the tiles', and OpenBLAS's own threads spinning against busy cores made the fit 3-15x
+    slower on two shared cores."""
+    if xp is not numpy:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # an older environment: correct, only slower
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 class _Serial:
@@ -657,7 +728,7 @@ def subtract_native(new, ref, *, new_var=None, ref_var=None, new_mask=None, ref_
     cfg = _settings(settings)
     tiles = make_tiles(new.shape, cfg["tile"], cfg["tile_overlap"], cfg["tile_margin"])
     n_threads = min(max(1, int(cfg["threads"])) if xp is numpy else 1, len(tiles))
-    with (ThreadPoolExecutor(max_workers=n_threads) if n_threads > 1 else _Serial()) as pool:
+    with (ThreadPoolExecutor(max_workers=n_threads) if n_threads > 1 else _Serial()) as pool, _one_blas_thread(xp):
         m, fw, sigmas = _setup(new, ref, new_var, ref_var, new_mask, ref_mask, cfg, xp, pool, tiles)
         out = _Mosaic(new.shape, xp)
 
