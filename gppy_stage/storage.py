@@ -308,17 +308,18 @@ def get_file(url: str, dest: str | Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if is_s3(url):
         bucket, key = _split_s3(url)
+        from botocore.exceptions import FlexibleChecksumError
+
         attempts = _read_attempts()
         for attempt in range(attempts):
-            try:
-                with _s3_errors(url):
+            with _s3_errors(url):
+                try:
                     _client().download_file(bucket, key, str(dest))
-                return dest
-            except RetriableError:
-                # s3transfer retries a cut stream itself; this also covers a checksum failure
-                # and a transfer that gave up, a few times more
-                if attempt == attempts - 1:
-                    raise
+                    return dest
+                except FlexibleChecksumError:
+                    # s3transfer reads a cut stream again itself, but not a damaged one
+                    if attempt == attempts - 1:
+                        raise
             _backoff(attempt)
     try:
         shutil.copyfile(_local_path(url), dest)

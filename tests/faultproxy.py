@@ -4,7 +4,7 @@ Each request is forwarded to the endpoint unless the seeded schedule picks a fau
 connection dropped (before forwarding, or after, so the request took effect but its answer was
 lost), a 500 InternalError, a 503 SlowDown, added latency, a body cut short (the full
 Content-Length announced, fewer bytes sent) or a body damaged in one byte (same length, so only a
-checksum can tell). Faults are bounded: a request signature (method, path, range) never gets more
+checksum can tell: so only whole-object GETs, which carry S3's checksum, are damaged that way). Faults are bounded: a request signature (method, path, range) never gets more
 than ``max_in_a_row`` faults in a row, so a client that retries enough always gets through.
 """
 
@@ -67,7 +67,11 @@ class FaultProxy:
     def _pick(self, signature: tuple, method: str) -> str | None:
         with self._lock:
             self.requests += 1
-            allowed = [f for f in self.faults if method == "GET" or f not in BODY_FAULTS]
+            # bodies are damaged only where S3 gives the client a way to tell: a whole object's GET
+            # (a listing, or a range, has no checksum; a cut one still shows by its length)
+            whole_object = method == "GET" and "?" not in signature[1]
+            allowed = [f for f in self.faults if f not in BODY_FAULTS or (whole_object and (
+                f == "truncate" or signature[2] is None))]
             if not allowed or self._in_a_row[signature] >= self.max_in_a_row or self._rng.random() >= self.rate:
                 self._in_a_row[signature] = 0
                 return None
