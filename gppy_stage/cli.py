@@ -75,6 +75,7 @@ def night_run(
     if report:
         report.write_text(json.dumps(result, indent=1, default=str))
     typer.echo(summary_text(result))
+    raise typer.Exit(result["exit_code"])  # a lost frame or stack is not a success (README: exit codes)
 
 
 @app.command("plan")
