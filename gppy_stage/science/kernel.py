@@ -48,14 +48,20 @@ def sky_level(img, bad, xp=numpy, *, step: int = 4) -> tuple[float, float]:
 
 
 def find_stars(image, var, bad, *, snr: float = 5.0):
-    """(sep objects, aperture S/N) of a *sky-subtracted* host image with its variance and bad pixels."""
+    """(sep objects, aperture S/N) of a *sky-subtracted* host image with its variance and bad pixels.
+
+    Detection is at ``snr`` times the median noise (a scalar threshold: sep runs three times
+    faster than with a per-pixel error array); the S/N returned uses the per-pixel errors.
+    """
     import sep
 
     data = numpy.ascontiguousarray(image, dtype=numpy.float32)
-    err = numpy.ascontiguousarray(numpy.sqrt(numpy.where(bad, 1.0, var)), dtype=numpy.float32)
     bad = numpy.ascontiguousarray(bad, dtype=bool)
+    err = numpy.sqrt(numpy.where(bad, numpy.float32(1), numpy.asarray(var, numpy.float32)))
+    good_err = err[::4, ::4][~bad[::4, ::4]]
+    sigma = float(numpy.median(good_err)) if good_err.size else 1.0
     sep.set_extract_pixstack(max(300000, data.size // 4))
-    objs = sep.extract(data, snr, err=err, mask=bad, minarea=5, deblend_cont=0.005)
+    objs = sep.extract(data, snr * sigma, mask=bad, minarea=5, deblend_cont=0.005)
     # aperture S/N with the real per-pixel errors: sep's isophotal flux carries no error
     flux, ferr, _ = sep.sum_circle(data, objs["x"], objs["y"], 5.0, err=err, mask=bad, subpix=1)
     return objs, flux / numpy.maximum(ferr, 1e-30)

@@ -257,7 +257,8 @@ def _ramp(a: int, b: int, n: int, o: int):
 def make_tiles(shape, tile: int, overlap: int, margin: int) -> list[Tile]:
     H, W = shape
     ey, ex = _edges(H, tile), _edges(W, tile)
-    o = max(int(overlap), 1)
+    smallest = min(min(b - a for a, b in zip(e[:-1], e[1:])) for e in (ey, ex))
+    o = max(min(int(overlap), (smallest - 1) // 2), 1)  # each tile keeps a plateau of its own
     out = []
     for a, b in zip(ey[:-1], ey[1:]):
         y0, y1, wy = _ramp(a, b, H, o)
@@ -651,6 +652,12 @@ def _settings(settings):
     return cfg
 
 
+def _ones(w):
+    """[first, last + 1) of the weights equal to 1 (a ramp's plateau, never empty)."""
+    idx = numpy.nonzero(w >= 1.0)[0]
+    return int(idx[0]), int(idx[-1]) + 1
+
+
 class _Mosaic:
     """The frame-sized outputs, filled tile by tile: weighted sums in the overlaps, the mask from
     each tile's core (it does not depend on the tile's solution)."""
@@ -663,11 +670,20 @@ class _Mosaic:
 
     def add(self, tile: Tile, diff, noise, mask):
         y0, y1, x0, x1 = tile.apply
-        w = self.xp.asarray(tile.wy)[:, None] * self.xp.asarray(tile.wx)[None, :]
         a, b, c, d = tile.core
+        # where both weights are 1 no other tile reaches: copy; blend only the frame around it
+        (r0, r1), (q0, q1) = _ones(tile.wy), _ones(tile.wx)
+        strips = [(slice(0, r0), slice(None)), (slice(r1, None), slice(None)),
+                  (slice(r0, r1), slice(0, q0)), (slice(r0, r1), slice(q1, None))]
         with self.lock:
-            self.diff[y0:y1, x0:x1] += w * diff
-            self.noise[y0:y1, x0:x1] += w * noise
+            self.diff[y0 + r0:y0 + r1, x0 + q0:x0 + q1] = diff[r0:r1, q0:q1]
+            self.noise[y0 + r0:y0 + r1, x0 + q0:x0 + q1] = noise[r0:r1, q0:q1]
+            for sy, sx in strips:
+                w = self.xp.asarray(tile.wy[sy])[:, None] * self.xp.asarray(tile.wx[sx])[None, :]
+                out = (slice(y0 + sy.indices(y1 - y0)[0], y0 + sy.indices(y1 - y0)[1]),
+                       slice(x0 + sx.indices(x1 - x0)[0], x0 + sx.indices(x1 - x0)[1]))
+                self.diff[out] += w * diff[sy, sx]
+                self.noise[out] += w * noise[sy, sx]
             self.mask[a:b, c:d] = mask[a - y0:b - y0, c - x0:d - x0]
 
     def finish(self, hw: int):
