@@ -93,23 +93,24 @@ def test_killed_in_every_stage_then_rerun_gives_the_clean_products(nights):
     print(f"killed in {len(killed)} stages: {', '.join(killed)}; {len(product_files(root))} products identical")
 
 
-def test_a_night_with_failed_frames_exits_non_zero_and_says_how_many(nights, tmp_path):
-    """A tool that fails on every frame: the night goes on to the end, then exits with the
-    failure's code (69) rather than 0, and the summary counts the failures."""
+def test_a_night_whose_stack_fails_exits_non_zero_and_says_how_many(nights, tmp_path):
+    """A tool that fails (SWarp, on the one stack): the night goes on to the end, then exits with
+    the failure's code (69) rather than 0, and the summary counts the failures."""
     base, raw, _ = nights
     root = tmp_path / "root"
     shutil.copytree(raw, root)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    real = shutil.which("scamp")
-    fake = bin_dir / "scamp"
-    # the real scamp answers the version query (provenance); the astrometric solution fails
-    fake.write_text(f'#!/bin/sh\ncase "$1" in -v|-V|--version|-dd) exec {real} "$@";; esac\n'
-                    'echo "scamp: simulated failure" >&2\nexit 1\n')
-    fake.chmod(0o755)
+    real = shutil.which("SWarp") or shutil.which("swarp")
+    for name in ("SWarp", "swarp"):
+        fake = bin_dir / name
+        # the real SWarp answers the version query (provenance); the co-add itself fails
+        fake.write_text(f'#!/bin/sh\ncase "$1" in -v|-dd) exec {real} "$@";; esac\n'
+                        'echo "swarp: simulated failure" >&2\nexit 1\n')
+        fake.chmod(0o755)
     log = tmp_path / "night.log"
     proc = _night_run(root, tmp_path / "scratch", log, env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert proc.wait(timeout=600) == 69, log.read_text()[-4000:]
     out = log.read_text()
-    assert "science out: 0" in out and "2 stage run(s) failed: exit 69" in out, out[-3000:]
-    assert "Traceback" not in out
+    assert "science out: 2" in out and "failed: 1" in out and "1 stage run(s) failed: exit 69" in out, out[-3000:]
+    assert "swarp: simulated failure" in out and "Traceback" not in out
