@@ -9,7 +9,7 @@ native time, peak RSS, the residual noise ratio (std of the difference / rms of 
 on source-free, unmasked pixels; 1.00 is ideal) and the kernel's flux scale (true 1.3000).
 HOTPANTS runs where it is on PATH, the native engine on CuPy where a CUDA device is.
 
-    python bench/bench_subtract.py [--sizes 2048,4096,full]
+    python bench/bench_subtract.py [--sizes 2048,4096,full]   (hotpants: PATH, else ../shared/tools/hotpants)
     python bench/bench_subtract.py --child ENGINE DIR      (one engine on one saved pair; JSON out)
 """
 
@@ -33,6 +33,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gppy_stage.science.subtract import subtract  # noqa: E402
 from gppy_stage.science.subtract_sim import make_pair  # noqa: E402
 
+# the HOTPANTS 5.1.11 build the project keeps beside the repository (no package provides one)
+SHARED_HOTPANTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "tools", "hotpants")
 SIZES = {"2048": (2048, 2048), "4096": (4096, 4096), "full": (6388, 9576)}
 STARS_PER_PX = 600 / 2048**2
 FLUX_SCALE = 1.3
@@ -89,6 +91,16 @@ def source_free(truth, shape, radius=15):
     return free
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux keeps that across execve, and
+    Python starts children with vfork, so a child's ru_maxrss would be its parent's peak."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def child(engine: str, folder: str) -> dict:
     """One engine on one saved pair: time, CPU, peak RSS (right after subtract) and quality."""
     arrays = {k: np.load(os.path.join(folder, f"{k}.npy")) for k in ARRAYS}
@@ -107,7 +119,8 @@ def child(engine: str, folder: str) -> dict:
                    engine=engine.split("/")[0], **kw)
     sync()
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = peak_rss_mb()
+    # hotpants' own peak; an upper bound: a vfork'ed child's ru_maxrss starts from this process's
     child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
     cpu += resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime + resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime
     del arrays
@@ -139,19 +152,19 @@ def bench_size(label: str, engines) -> list[dict]:
 
 
 def print_table(rows):
-    print(f"{'size':<6} {'engine':<12} {'wall_s':>7} {'cpu_s':>7} {'hp/this':>8} {'peak_MiB':>9} {'noise_ratio':>11} "
-          f"{'flux_scale':>10} {'stamps':>7} {'tiles':>5}")
+    print(f"{'size':<6} {'engine':<12} {'wall_s':>7} {'cpu_s':>7} {'hp/this':>8} {'peak_MiB':>9} {'tool_MiB':>9} "
+          f"{'noise_ratio':>11} {'flux_scale':>10} {'stamps':>7} {'tiles':>5}")
     for r in rows:
         if "error" in r:
             print(f"{r['size']:<6} {r['engine']:<12} failed: {r['error']}")
             continue
         hp = next((h for h in rows if h["size"] == r["size"] and h["engine"] == "hotpants" and "error" not in h), None)
         ratio = f"{hp['seconds'] / r['seconds']:7.2f}x" if hp else "      -"
-        peak = max(r["peak_rss_mb"], r["tool_peak_rss_mb"])
-        print(f"{r['size']:<6} {r['engine']:<12} {r['seconds']:7.2f} {r['cpu_s']:7.2f} {ratio:>8} {peak:9.0f} "
+        tool = f"{r['tool_peak_rss_mb']:9.0f}" if r["engine"] == "hotpants" else "        -"
+        print(f"{r['size']:<6} {r['engine']:<12} {r['seconds']:7.2f} {r['cpu_s']:7.2f} {ratio:>8} {r['peak_rss_mb']:9.0f} {tool} "
               f"{r['noise_ratio']:11.4f} {r['flux_scale']:10.4f} {str(r['n_stamps']):>7} {r['n_tiles']:>5}")
-    print("(hp/this = HOTPANTS wall time / this engine's, same pair, same run; peak_MiB = peak RSS of the process "
-          "holding the float32 pair, or of hotpants itself if larger; noise_ratio = std(diff) / rms(noise) on "
+    print("(hp/this = HOTPANTS wall time / this engine's, same pair, same run; cpu_s includes hotpants' own; peak_MiB = "
+          "peak RSS of the process holding the float32 pair; tool_MiB = hotpants' (an upper bound); noise_ratio = std(diff) / rms(noise) on "
           f"source-free, unmasked pixels; true flux scale {FLUX_SCALE:.4f})")
 
 
@@ -163,6 +176,8 @@ def main(argv=None):
     if a.child:
         print(json.dumps(child(*a.child)))
         return
+    if not shutil.which("hotpants") and os.path.isfile(os.path.join(SHARED_HOTPANTS, "hotpants")):
+        os.environ["PATH"] = os.path.abspath(SHARED_HOTPANTS) + os.pathsep + os.environ.get("PATH", "")
     cp, gpu = cupy_device()
     engines = ["native"] + (["native/cupy"] if cp is not None else []) + (["hotpants"] if shutil.which("hotpants") else [])
     print("# bench_subtract")
