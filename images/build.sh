@@ -12,6 +12,10 @@
 #   CACHE_DIR       where the debootstrap tarball is kept (default /var/tmp/gppy-image-cache)
 #   TAG             image name (default gppy-stage:<version>)
 #   BUILD_CA_BUNDLE CA bundle pip trusts during the build (default $PIP_CERT or $SSL_CERT_FILE)
+#   BASE_DIGEST     sha256:<64 hex>: use exactly that image of BASE (a tag alone can be moved)
+#
+# Python packages come from images/requirements*.lock, every file hash-checked (images/lock.sh
+# regenerates them after a change to pyproject.toml's dependencies).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
@@ -23,7 +27,12 @@ mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # a CA bundle for pip behind a TLS-inspecting proxy: the host's, when it names one (empty otherwise)
 ca=${BUILD_CA_BUNDLE:-${PIP_CERT:-${SSL_CERT_FILE:-}}}
 if [ -z "$ca" ] || [ ! -s "$ca" ]; then ca=$(mktemp); trap 'rm -f "$ca"' EXIT; fi
-build() { podman build --isolation chroot --ignorefile "$here/containerignore" --secret id=ca,src="$ca" "$@"; }
+digest=${BASE_DIGEST:-}
+if [ -n "$digest" ] && ! printf '%s' "$digest" | grep -Eq '^sha256:[0-9a-f]{64}$'; then
+    echo "BASE_DIGEST must be sha256:<64 lowercase hex>, got '$digest'" >&2; exit 2
+fi
+build() { podman build --isolation chroot --ignorefile "$here/containerignore" --secret id=ca,src="$ca" \
+    --build-arg BASE_DIGEST="$digest" "$@"; }
 
 base() {
     # keyed by date: a day's builds share one base, and tomorrow's picks up security updates
@@ -56,7 +65,8 @@ case "$what" in
     gpu)
         build -f "$here/Containerfile" \
             --build-arg BASE="${BASE:-docker.io/nvidia/cuda:12.6.3-runtime-ubuntu24.04}" \
-            --build-arg EXTRAS=cluster,gpu --build-arg WITH_HOTPANTS="${WITH_HOTPANTS:-1}" \
+            --build-arg EXTRAS=cluster,gpu --build-arg LOCK=requirements-gpu.lock \
+            --build-arg WITH_HOTPANTS="${WITH_HOTPANTS:-1}" \
             ${INDEX_PACKAGES+--build-arg INDEX_PACKAGES="$INDEX_PACKAGES"} \
             -t "${TAG:-gppy-stage:$version-cuda12}" "$repo" ;;
     *) echo "usage: $0 cpu|gpu|base" >&2; exit 2 ;;
