@@ -138,13 +138,14 @@ def _retriable_types():
         IncompleteReadError,
         ReadTimeoutError,
     )
+    from boto3.exceptions import RetriesExceededError as Boto3RetriesExceededError
     from s3transfer.exceptions import RetriesExceededError
 
     # HTTPClientError covers a connection closed or a body cut mid-stream (ResponseStreamingError);
     # a body failing its checksum was damaged on the way; s3transfer gives up with
     # RetriesExceededError after its own retries: all are the network's, not the data's
     return (BotoConnectionError, EndpointConnectionError, ReadTimeoutError, HTTPClientError, IncompleteReadError,
-            FlexibleChecksumError, RetriesExceededError, ConnectionError, TimeoutError)
+            FlexibleChecksumError, RetriesExceededError, Boto3RetriesExceededError, ConnectionError, TimeoutError)
 
 
 @functools.lru_cache(maxsize=1)
@@ -192,7 +193,11 @@ def _get_body(url: str, **kwargs) -> bytes:
 
 def _s3_error(exc: Exception, url: str) -> Exception:
     """Map a botocore error onto the pipeline's typed errors (retriable or not)."""
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import ClientError, NoCredentialsError
+
+    if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, ClientError):
+        exc = exc.__context__  # boto3 wraps the store's answer to an upload; judge the answer
 
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")

@@ -232,4 +232,26 @@ def test_a_body_that_stays_damaged_is_retriable_after_bounded_reads(s3_root, s3_
             storage.get_bytes(url)
         assert errors.exit_code_for(info.value) == errors.RETRIABLE and "y.fits" in str(info.value)
         assert proxy.requests == 3
+        with pytest.raises(errors.RetriableError, match="y.fits"):  # downloads (s3transfer) too
+            with storage.local_copy(url):
+                pass
     storage._local.__dict__.clear()
+
+
+@pytest.mark.parametrize("fault", ["503", "500", "drop"])
+def test_an_upload_that_keeps_failing_is_retriable(s3_root, s3_endpoint, monkeypatch, tmp_path, fault):
+    """boto3 wraps a failed upload (S3UploadFailedError): still retriable, naming the key."""
+    from faultproxy import FaultProxy
+
+    from gppy_stage import errors
+
+    src = tmp_path / "p.fits"
+    src.write_bytes(b"p" * 10_000)
+    monkeypatch.setenv("GPPY_S3_RETRIES", "2")
+    with FaultProxy(s3_endpoint, rate=1.0, faults=(fault,), max_in_a_row=10**6) as proxy:
+        _proxied(monkeypatch, proxy.url)
+        with pytest.raises(errors.RetriableError, match="p.fits"):
+            storage.put_file(src, storage.join(s3_root, "processed", "p.fits"))
+        assert proxy.requests == 3  # bounded: the first try and GPPY_S3_RETRIES retries
+    _proxied(monkeypatch, s3_endpoint)
+    assert not storage.exists(storage.join(s3_root, "processed", "p.fits"))
