@@ -41,7 +41,8 @@ def get_xp(device: str | None = None):
         if cp is not None:
             return cp
         if device == "gpu":
-            raise ConfigError("GPPY_DEVICE=gpu but CuPy or a CUDA device is not available")
+            raise ConfigError("GPPY_DEVICE=gpu but CuPy or a CUDA device is not available "
+                              "(CuPy comes with pip install 'gppy-stage[gpu]')")
         return numpy
     raise ConfigError(f"GPPY_DEVICE must be cpu, gpu or auto, not {device!r}")
 
