@@ -25,7 +25,9 @@ def config_dir() -> Path:
     """The configuration folder: ``$GPPY_CONFIG`` or the repository's ``config/``."""
     env = os.environ.get("GPPY_CONFIG")
     candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parent.parent / "config", Path("/etc/gppy")]
+    # a checkout's config/, then the copy an installed wheel carries (gppy_stage/_config)
+    candidates += [Path(__file__).resolve().parent.parent / "config", Path(__file__).parent / "_config",
+                   Path("/etc/gppy")]
     for path in candidates:
         if (path / "instruments.csv").is_file():
             return path
