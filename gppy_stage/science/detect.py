@@ -22,6 +22,7 @@ import math
 import numpy as np
 from astropy.table import Table
 
+from gppy_stage.science.kernel import SIGMA_PER_FWHM
 from gppy_stage.xp import to_numpy
 
 FLAG_BITS = {
@@ -45,7 +46,6 @@ PENALTY = {
     "ref_star": 0.6,
     "moving": 0.3,
 }
-SIGMA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 # Aperture radius of candidate fluxes, in FWHM: small enough that a host galaxy's residuals and
 # the sky's noise stay out (a 2.5-FWHM aperture held 2.8 times the noise), large enough that an
 # aperture correction measured on stars holds for a centroid off by a few tenths of a pixel.
@@ -119,15 +119,17 @@ def _noise_factor(snr, good, max_samples: int = 4_000_000) -> float:
 
 
 def _prepared(diff, noise, mask):
-    """float32 (data with 0 where bad, noise, bad): one copy of each, whatever came in."""
-    d = np.asarray(to_numpy(diff), np.float32)
+    """float32 (data with 0 where bad, noise, bad): one copy of the data, none of a float32
+    noise. Memory-mapped inputs are read once here, so a caller need not hold them in memory."""
+    d = np.array(to_numpy(diff), dtype=np.float32, copy=True)
     n = np.asarray(to_numpy(noise), np.float32)
-    bad = np.zeros(d.shape, bool) if mask is None else np.asarray(to_numpy(mask), bool).copy()
+    bad = np.zeros(d.shape, bool) if mask is None else np.array(to_numpy(mask), dtype=bool, copy=True)
     with np.errstate(invalid="ignore"):
         bad |= ~np.isfinite(d)
         bad |= ~(n > 0)
         bad |= ~np.isfinite(n)
-    return np.where(bad, np.float32(0), d), n, bad
+    d[bad] = 0
+    return d, n, bad
 
 
 def box_any(mask, r: int):
