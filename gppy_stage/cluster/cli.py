@@ -9,7 +9,7 @@ import typer
 
 from .. import log
 from ..errors import ConfigError, GppyError
-from . import workflow
+from . import submission
 
 
 def _units(text: str) -> list[str]:
@@ -33,7 +33,7 @@ def watch(
                              help="Storage root holding obsdata/ (s3://bucket or a folder)."),
     units: str = typer.Option("", "--units", envvar="GPPY_UNITS",
                               help="Units to watch, comma separated (7DT01,7DT02,...)."),
-    namespace: str = typer.Option(workflow.NAMESPACE, "--namespace", envvar="GPPY_NAMESPACE",
+    namespace: str = typer.Option(submission.NAMESPACE, "--namespace", envvar="GPPY_NAMESPACE",
                                   help="Kubernetes namespace the night workflows go to."),
     quiet_minutes: float = typer.Option(30.0, "--quiet-minutes", envvar="GPPY_QUIET_MINUTES",
                                         help="A night is ready once its newest file is at least this old "
@@ -78,7 +78,7 @@ def backlog(
     date_to: str = typer.Option(..., "--to", help="Last night date, YYYY-MM-DD (inclusive)."),
     root: str = typer.Option(..., "--root", envvar="GPPY_ROOT",
                              help="Storage root holding obsdata/ (s3://bucket or a folder)."),
-    namespace: str = typer.Option(workflow.NAMESPACE, "--namespace", envvar="GPPY_NAMESPACE",
+    namespace: str = typer.Option(submission.NAMESPACE, "--namespace", envvar="GPPY_NAMESPACE",
                                   help="Kubernetes namespace the workflows go to."),
     include_test: bool = typer.Option(False, "--include-test", help="Also submit *_test night folders."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be submitted; submit nothing."),

@@ -22,7 +22,7 @@ from datetime import date, datetime, timedelta, timezone
 from .. import log, storage
 from ..errors import ConfigError, GppyError, RetriableError
 from ..names import NightName, night_date_of
-from . import workflow
+from . import submission
 
 STATE_KEY = "runs/_watcher/state.json"
 MARKER_PREFIX = "runs/_watcher/submitted"
@@ -243,7 +243,7 @@ def check_late(root: str, unit: str, night: str, marker: dict, now: float) -> De
     return d
 
 
-def poll(root: str, units: list[str], api, *, namespace: str = workflow.NAMESPACE, quiet_s: float = 1800,
+def poll(root: str, units: list[str], api, *, namespace: str = submission.NAMESPACE, quiet_s: float = 1800,
          lookback_days: int = 7, include_test: bool = False, dry_run: bool = False,
          now: float | None = None, min_gap_s: float = 0.0) -> list[Decision]:
     """One poll: observe recent nights of each unit, submit those that stopped growing.
@@ -294,7 +294,7 @@ def poll(root: str, units: list[str], api, *, namespace: str = workflow.NAMESPAC
                 d.action = "would-submit"
                 log.event(_log, "would submit", unit=unit, night=night.folder, workflow=d.workflow)
                 continue
-            body = workflow.night_workflow(unit, night.folder, too=night.too, name=d.workflow, root=root,
+            body = submission.night_workflow(unit, night.folder, too=night.too, name=d.workflow, root=root,
                                            labels=night_labels(unit, night, "watcher"))
             d.action = "submitted" if submit(api, namespace, body) == "created" else "exists"
             # the file list lets a later poll name the files that arrive after this
@@ -327,7 +327,7 @@ def watch(root: str, units: list[str], api, *, interval_s: float = 300, once: bo
         time.sleep(interval_s)
 
 
-def resubmit(root: str, unit: str, night: str, api, *, namespace: str = workflow.NAMESPACE,
+def resubmit(root: str, unit: str, night: str, api, *, namespace: str = submission.NAMESPACE,
              dry_run: bool = False, now: float | None = None) -> Decision:
     """Submit a night again (after late files, or to redo it): a new workflow named
     ``<name>-r<n>``; the stages skip what is already made from the same inputs, so only what the
@@ -352,7 +352,7 @@ def resubmit(root: str, unit: str, night: str, api, *, namespace: str = workflow
                  bytes=cur.bytes)
     if dry_run:
         return d
-    body = workflow.night_workflow(unit, night, too=name.too, name=d.workflow, root=root,
+    body = submission.night_workflow(unit, night, too=name.too, name=d.workflow, root=root,
                                    labels=night_labels(unit, name, "resubmit"))
     d.action = "submitted" if submit(api, namespace, body) == "created" else "exists"
     history = marker.get("resubmissions", []) + [{"workflow": d.workflow, "at": now, "result": d.action,
@@ -376,7 +376,7 @@ def resubmit(root: str, unit: str, night: str, api, *, namespace: str = workflow
 # --- backlog ---------------------------------------------------------------------------------
 
 
-def backlog(root: str, obs: str, date_from: date, date_to: date, api, *, namespace: str = workflow.NAMESPACE,
+def backlog(root: str, obs: str, date_from: date, date_to: date, api, *, namespace: str = submission.NAMESPACE,
             include_test: bool = False, dry_run: bool = False) -> list[Decision]:
     """One low-priority workflow per night of ``obs`` in [date_from, date_to], oldest first."""
     if date_to < date_from:
@@ -389,7 +389,7 @@ def backlog(root: str, obs: str, date_from: date, date_to: date, api, *, namespa
         name = workflow_name(obs, night.folder)
         d = Decision(obs, night.folder, "would-submit", workflow=name)
         if not dry_run:
-            body = workflow.night_workflow(obs, night.folder, backlog=True, name=name, root=root,
+            body = submission.night_workflow(obs, night.folder, backlog=True, name=name, root=root,
                                            labels=night_labels(obs, night, "backlog"))
             d.action = "submitted" if submit(api, namespace, body) == "created" else "exists"
             log.event(_log, d.action, unit=obs, night=night.folder, workflow=name, priority="backlog")
