@@ -261,3 +261,21 @@ def test_total_magnitude_of_a_moffat_source_with_the_growth_curve():
     assert dist < 0.5
     assert plain["mag"] - expected > 0.1
     assert abs(row["mag"] - expected) < max(0.02, 3 * row["magerr"])
+
+
+@pytest.mark.slow
+def test_full_size_detect_stays_under_2_gb():
+    """detect_candidates on a 9576x6388 difference image, in its own process: under 2 GiB peak
+    RSS, and every injected source found."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "bench_fullsize_kernels.py"
+    proc = subprocess.run([sys.executable, str(bench), "detect"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(result)
+    assert result["peak_rss_mb"] < 2048, result
+    assert result["injected_found"] >= result["injected"] - 1

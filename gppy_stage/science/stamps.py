@@ -57,7 +57,9 @@ def stamp_png(new, ref, diff, x: float, y: float, *, half: int = 15, title: str 
             ax.imshow(p, origin="lower", cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
         else:
             if noise is not None:
-                p = p / _cutout(to_numpy(noise), x, y, half)
+                nz = _cutout(to_numpy(noise), x, y, half)
+                with np.errstate(invalid="ignore"):
+                    p = np.where(nz > 0, p / np.where(nz > 0, nz, 1.0), np.nan)  # no noise: no S/N to show
                 lim, lab = 5.0, "diff / noise"
             else:
                 lim = float(np.nanmax(np.abs(p))) if np.isfinite(p).any() else 1.0

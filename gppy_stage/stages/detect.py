@@ -154,15 +154,13 @@ def run(ctx: Night, stack: str) -> dict:
         fwhm = float(header.get("FWHM") or 0) or float(stack_header.get("SEEINGIN", 2.5)) / pixscale
         refcat = reference_catalogue(ctx.root, entry["field"], observation_time(stack_header))
         aper_radius, aper_corr = candidate_aperture(header, stack_header, img["ref"][1], fwhm, pixscale)
-        diff = np.asarray(img["diff"][0], np.float32)
-        noise = np.asarray(img["noise"][0], np.float32)
-        t = detect_candidates(diff, noise, np.asarray(img["mask"][0]) != 0, fwhm=fwhm, wcs=wcs, zp=zp,
+        # memory-mapped in: the kernel reads each image once, the stamps only their cut-outs
+        t = detect_candidates(img["diff"][0], img["noise"][0], img["mask"][0], fwhm=fwhm, wcs=wcs, zp=zp,
                               threshold=float(cfg["threshold"]), minarea=int(cfg["minarea"]), ref_catalog=refcat,
                               frame_detections=frame_cats or None, aper_radius=aper_radius, aper_corr=aper_corr)
         ok = passing(t, float(cfg["min_score"]), int(cfg["pass_flags"]))
-        stamps = candidate_stamps(img["new"][0], img["ref"][0], diff, t[ok], half=int(cfg["stamp_half"]),
-                                  noise=noise, max_stamps=int(cfg["max_stamps"]))
-        del diff, noise
+        stamps = candidate_stamps(img["new"][0], img["ref"][0], img["diff"][0], t[ok], half=int(cfg["stamp_half"]),
+                                  noise=img["noise"][0], max_stamps=int(cfg["max_stamps"]))
     t["pass"] = ok
     t.meta.update({"STACK": storage.basename(entry["output"]), "DIFF": storage.basename(keys["diff"]),
                    "FWHM_PX": fwhm, "THRESH": float(cfg["threshold"]), "MINSCORE": float(cfg["min_score"]),
