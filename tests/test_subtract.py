@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from gppy_stage.errors import BadInputError, ConfigError, ToolMissingError
-from gppy_stage.tools import hotpants as sh
+from gppy_stage.science.convolve import box_dilate, fft_convolve
 from gppy_stage.science.kernel import measure_fwhm
+from gppy_stage.science.kernel_fit import kernel_basis, stamp_convolutions
 from gppy_stage.science.subtract import SubtractionResult, subtract
-from gppy_stage.science.subtract_native import box_dilate, fft_convolve, kernel_basis, stamp_convolutions
 from gppy_stage.science.subtract_sim import make_pair
+from gppy_stage.tools import hotpants as sh
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_subtract.py"
 SHAPE = (512, 512)
