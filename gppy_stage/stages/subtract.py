@@ -135,7 +135,8 @@ def kernel_cards(info: dict, convolved: str) -> list[tuple[str, object, str]]:
                                ("n_stamps_rejected", "KNREJ", "stamps rejected"), ("fwhm_new", "FWHMNEW", "[px] new"),
                                ("fwhm_ref", "FWHMREF", "[px] reference"), ("half_width", "KHALF", "kernel half width"),
                                ("spatial_order", "KSPORD", "kernel spatial order"), ("bg_order", "KBGORD",
-                                                                                       "background order")):
+                                                                                       "background order"),
+                               ("n_tiles", "KNTILES", "tiles, each its own kernel")):
         value = info.get(key)
         if isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(float(value)):
             cards.append((name, float(value) if isinstance(value, (float, np.floating)) else int(value), comment))
