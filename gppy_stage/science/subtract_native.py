@@ -300,10 +300,8 @@ def _one_blas_thread(xp):
     slower on two shared cores."""
     if xp is not numpy:
         return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # an older environment: correct, only slower
-        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
     return threadpool_limits(1, user_api="blas")
 
 
