@@ -434,6 +434,11 @@ def _write_error(exc: OSError, url: str) -> Exception:
     """A write the file system refused, typed: for good (78) or for now (75); else unchanged (a bug)."""
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return ConfigError(f"cannot write here ({exc.strerror}): the output root must be writable", path=url)
+    if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
+        return ConfigError(f"cannot write here ({exc.strerror}): a file and a folder of the root's layout clash",
+                           path=url)
+    if exc.errno == errno.ENAMETOOLONG:
+        return BadInputError(f"cannot write here ({exc.strerror})", path=url)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ESTALE):
         return RetriableError(f"cannot write here for now ({exc.strerror})", path=url)
     return exc

@@ -169,6 +169,16 @@ def test_temporaries_of_a_killed_writer_are_removed_by_the_next_put(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["a.json", "b.json"]
 
 
+def test_a_file_where_a_folder_should_be_is_a_config_error(tmp_path):
+    (tmp_path / "processed").write_text("a file, not a folder")
+    with pytest.raises(ConfigError, match="processed/T1/a.fits.*clash"):
+        storage.put_bytes(str(tmp_path / "processed" / "T1" / "a.fits"), b"x")
+    (tmp_path / "b.fits").mkdir()  # and a folder where the file should be
+    with pytest.raises(ConfigError, match="b.fits.*clash"):
+        storage.put_bytes(str(tmp_path / "b.fits"), b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.fits", "processed"]  # no temporary left
+
+
 def test_unwritable_output_root_is_one_clear_line_exit_78(tmp_path):
     """A read-only file system under the root (a real one: a read-only bind mount) is a
     configuration error naming the path, not a bug with a traceback."""
