@@ -47,9 +47,14 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(code)
 
 
-def _night_or_latest(root: str, obs: str, night: Optional[str]) -> str:
-    from .stages.plan import latest_night
+def _night_or_latest(root: str, obs: str, night: Optional[str], planning: bool = False) -> str:
+    from .stages.plan import check_root, latest_night
 
+    if planning:  # a wrong root is said before anything is written under it
+        from .config import instrument
+
+        instrument(obs)
+        check_root(root, obs)
     return night or latest_night(root, obs)
 
 
@@ -69,6 +74,7 @@ def night_run(
     from .runner import run_night, summary_text
 
     try:
+        night = _night_or_latest(root, obs, night, planning=True)
         result = run_night(root, obs, night, force=force, workers=workers or None)
     except errors.GppyError as exc:
         _fail(exc)
@@ -88,7 +94,7 @@ def plan_cmd(
     from .runner import execute
 
     try:
-        night = _night_or_latest(root, obs, night)
+        night = _night_or_latest(root, obs, night, planning=True)
     except errors.GppyError as exc:
         _fail(exc)
     record = execute("plan", root, obs, night)
@@ -109,7 +115,7 @@ def _stage_command(stage: graph.Stage):
             # the plan failed before choosing a night: report that, rather than guess another night
             night = "unplanned"
         try:
-            night = _night_or_latest(root, obs, night)
+            night = _night_or_latest(root, obs, night, planning=stage.name == "plan")
         except errors.GppyError as exc:
             _fail(exc)
         extra = {k: v for k, v in kwargs.items() if v is not None}

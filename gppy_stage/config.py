@@ -111,10 +111,25 @@ def instrument(obs: str) -> Instrument:
 @functools.lru_cache(maxsize=None)
 def _yaml(folder: str, name: str) -> dict[str, Any]:
     path = Path(folder) / name
+    return load_yaml(path)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """A YAML settings file as a mapping; a broken one is one line naming the file and the line."""
     try:
-        return yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read: {exc}", path=str(path)) from exc
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read ({exc.strerror or exc})", path=str(path)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}not valid YAML ({what})", path=str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping of settings, found a {type(data).__name__}", path=str(path))
+    return data
 
 
 def header_rules() -> dict[str, Any]:

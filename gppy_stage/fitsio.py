@@ -16,8 +16,10 @@ import numpy as np
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyUserWarning
 
-from . import storage
+from . import log, storage
 from .errors import BadInputError
+
+_log = log.get("fitsio")
 
 # cards astropy writes itself with the data, or that would make a tool read an image wrongly
 STRUCTURAL = ("SIMPLE", "BITPIX", "EXTEND", "BZERO", "BSCALE", "PCOUNT", "GCOUNT", "XTENSION", "EXTNAME",
@@ -50,9 +52,13 @@ class RawFrame:
     def __init__(self, path: Path, url: str):
         self.url = url
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("error", AstropyUserWarning)
+                # a stray byte in a comment costs no key the pipeline reads: astropy makes it '?'
+                warnings.filterwarnings("always", message="non-ASCII characters", category=AstropyUserWarning)
                 self._hdul = fits.open(path, memmap=True, do_not_scale_image_data=True, lazy_load_hdus=False)
+            if caught:
+                log.event(_log, "non-ASCII bytes in the header replaced by '?'", level=30, file=url)
             self.index = image_hdu_index(self._hdul)
             hdu = self._hdul[self.index]
             self.header = hdu.header
@@ -118,6 +124,9 @@ def put_hdul(url: str, hdul: fits.HDUList) -> None:
 def read_hdul(url: str) -> fits.HDUList:
     """Read a (product) FITS file fully into memory."""
     try:
-        return fits.HDUList.fromstring(storage.get_bytes(url))
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"cannot read FITS ({exc})", path=url) from None
+        hdul = fits.HDUList.fromstring(storage.get_bytes(url))
+        for hdu in hdul:
+            _ = hdu.data  # a truncated file fails here, as bad input, not later as a bug
+        return hdul
+    except (OSError, ValueError, TypeError, IndexError) as exc:
+        raise BadInputError(f"cannot read FITS ({type(exc).__name__}: {exc})", path=url) from None

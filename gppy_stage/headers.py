@@ -7,10 +7,12 @@ maps them). The header wins over the file name when they disagree; the disagreem
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyWarning
 from astropy.time import Time
 
 from . import config, log
@@ -20,6 +22,7 @@ from .names import parse_raw_name
 _log = log.get("headers")
 
 BLOCK = 2880  # FITS files are whole multiples of this many bytes
+MAX_EXPTIME_S = 43200.0  # no exposure is longer than a night: a larger EXPTIME is a broken header
 
 
 def _norm(value) -> str:
@@ -151,8 +154,11 @@ def frame_info(header: fits.Header, url: str, size: int, expected_shape: tuple[i
         exptime = float(h["EXPTIME"])
     except (TypeError, ValueError):
         raise BadInputError(f"EXPTIME {h['EXPTIME']!r} is not a number", path=url) from None
-    if not math.isfinite(exptime) or exptime < 0:
-        raise BadInputError(f"EXPTIME {exptime} is not a valid exposure", path=url)
+    if not math.isfinite(exptime) or exptime < 0 or exptime > MAX_EXPTIME_S:
+        raise BadInputError(f"EXPTIME {exptime} is not a valid exposure (0 to {MAX_EXPTIME_S:g} s)", path=url)
+    if exptime == 0 and h["IMAGETYP"] in ("LIGHT", "DARK", "FLAT"):
+        # the dark would be scaled by 0 and the stack would record exposure it does not hold
+        raise BadInputError(f"a {h['IMAGETYP']} frame with EXPTIME 0 has no exposure", path=url)
     when = _parse_date(h["DATE-OBS"], url)
     naxis = int(h.get("NAXIS", 0))
     if naxis != 2:
@@ -212,6 +218,28 @@ def frame_info(header: fits.Header, url: str, size: int, expected_shape: tuple[i
     )
 
 
-def header_from_head_text(text: str) -> fits.Header:
-    """Parse a TCSpy ``.head`` sidecar (a text copy of the header, one card per line)."""
-    return fits.Header.fromstring(text, sep="\n")
+def header_from_bytes(blob: bytes, source: str) -> tuple[fits.Header, list[str]]:
+    """A header from the bytes of a FITS header or a TCSpy ``.head`` sidecar (one card per line),
+    and what had to be repaired in it.
+
+    A byte outside ASCII (a degree sign in a comment, say) breaks no key the pipeline reads: it
+    becomes ``?``, as astropy does when it opens the file, and the frame is kept with a warning.
+    """
+    notes = []
+    text = blob.decode("ascii", "replace")
+    if "\ufffd" in text:
+        text = text.replace("\ufffd", "?")
+        notes.append(f"{_basename(source)}: non-ASCII bytes in the header were replaced by '?'")
+        log.event(_log, "non-ASCII bytes in a header replaced by '?'", level=30, file=source)
+    sep = "\n" if "\n" in text else ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", VerifyWarning)
+            header = fits.Header.fromstring(text, sep=sep)
+    except (ValueError, IndexError) as exc:
+        raise BadInputError(f"unreadable FITS header ({exc})", path=source) from None
+    return header, notes
+
+
+def _basename(url: str) -> str:
+    return str(url).rstrip("/").rsplit("/", 1)[-1]

@@ -5,6 +5,9 @@ Night:       <YYYY-MM-DD>_gain2750 | <YYYY-MM-DD>_ToO_gain2750 | <YYYY-MM-DD>_ga
 Processed:   calib_<unit>_<field>_<YYYYMMDD>_<HHMMSS>_<filter>_<exptime>.fits
 
 OBJECT may itself contain ``_``, so raw names are split from both ends.
+
+Header values (OBJECT, FILTER, unit, night) are data from a telescope, never paths: every builder
+below passes them through :func:`safe_name`, so no header can make a name that leaves its folder.
 """
 
 from __future__ import annotations
@@ -23,6 +26,20 @@ _NIGHT = re.compile(
     r"^(?P<date>\d{4}-\d{2}-\d{2})(?P<flags>(?:_(?:gain\d+|ToO|\d+x\d+|test|[A-Za-z0-9]+))*)$"
 )
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.fz", ".fit.fz", ".fits.gz")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_+.-]+")
+SAFE_MAX = 64
+
+
+def safe_name(value) -> str:
+    """A header value made fit for a file or folder name: ASCII letters, digits and ``_+.-`` only.
+
+    Anything else (slashes, spaces, quotes, shell characters, non-ASCII) becomes ``_``; ``..`` and a
+    leading ``.`` or ``-`` go too, so the result is never a parent folder, a hidden file or an
+    option to a tool. Names already safe (``T10779``, ``m425``) are returned unchanged.
+    """
+    text = _UNSAFE.sub("_", str(value if value is not None else "").strip())
+    text = re.sub(r"\.{2,}", "_", text).lstrip(".-")[:SAFE_MAX]
+    return text or "UNKNOWN"
 
 
 def strip_fits_suffix(name: str) -> str | None:
@@ -85,7 +102,8 @@ def parse_raw_name(filename: str) -> RawName:
 
 def raw_name(unit: str, when: datetime, obj: str, filt: str, binning: int, exptime: float, seq: int) -> str:
     """Build a TCSpy raw frame name (the simulator writes these)."""
-    return f"{unit}_{when:%Y%m%d_%H%M%S}_{obj}_{filt}_{binning}x{binning}_{exptime:.1f}s_{seq:04d}.fits"
+    return (f"{safe_name(unit)}_{when:%Y%m%d_%H%M%S}_{safe_name(obj)}_{safe_name(filt)}_{binning}x{binning}_"
+            f"{exptime:.1f}s_{seq:04d}.fits")
 
 
 @dataclass(frozen=True)
@@ -138,24 +156,35 @@ def _exptime_text(exptime: float) -> str:
     return f"{exptime:g}"
 
 
-def calib_name(unit: str, field: str, date_obs: datetime, filt: str, exptime: float) -> str:
-    """``calib_<unit>_<field>_<YYYYMMDD>_<HHMMSS>_<filter>_<exptime>.fits`` (gppy-gpu)."""
-    return f"calib_{unit}_{field}_{date_obs:%Y%m%d_%H%M%S}_{filt}_{_exptime_text(exptime)}.fits"
+def calib_name(unit: str, field: str, date_obs: datetime, filt: str, exptime: float, copy: int = 0) -> str:
+    """``calib_<unit>_<field>_<YYYYMMDD>_<HHMMSS>_<filter>_<exptime>.fits`` (gppy-gpu).
+
+    ``copy`` > 0 tells apart frames that would otherwise share the name (two different exposures
+    started in the same second): ``..._<exptime>_<copy + 1>.fits``."""
+    tail = f"_{copy + 1}" if copy else ""
+    return (f"calib_{safe_name(unit)}_{safe_name(field)}_{date_obs:%Y%m%d_%H%M%S}_{safe_name(filt)}_"
+            f"{_exptime_text(exptime)}{tail}.fits")
 
 
 def processed_dir(field: str, unit: str, filt: str) -> str:
-    return f"processed/{field}/{unit}/{filt}"
+    return f"processed/{safe_name(field)}/{safe_name(unit)}/{safe_name(filt)}"
+
+
+def stack_id(field: str, filt: str, unit: str, block: int) -> str:
+    """A stack's id in plan.json (also a file name: stage results are stored under it)."""
+    return f"{safe_name(field)}_{safe_name(filt)}_{safe_name(unit)}_{block}"
 
 
 def master_name(kind: str, unit: str, night_date: str, binning: int, gain: int | None,
                 exptime: float | None = None, filt: str | None = None, too: bool = False) -> str:
     """Master frame key relative to the root, e.g. ``master_frame/7DT01/dark/dark_7DT01_20250101_100s_1x1_gain2750.fits``."""
-    day = night_date.replace("-", "")
+    day = safe_name(night_date.replace("-", ""))
+    unit = safe_name(unit)
     parts = [kind, unit, day]
     if kind == "dark":
         parts.append(f"{_exptime_text(exptime or 0.0)}s")
     if kind == "flat":
-        parts.append(filt or "nofilter")
+        parts.append(safe_name(filt) if filt else "nofilter")
     parts.append(f"{binning}x{binning}")
     if gain is not None:
         parts.append(f"gain{gain}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import numpy as np
 import pytest
 from astropy.io import fits
 
@@ -125,3 +126,78 @@ def test_camera_gain_setting_is_never_taken_for_e_per_adu():
     assert "EGAIN" not in h
     assert normalise(fits.Header({"GAIN": 2750, "EGAIN": 0.78}))["EGAIN"] == 0.78
     assert normalise(fits.Header({"GAIN": 1.9}))["EGAIN"] == 1.9  # SAAO writes e-/ADU as GAIN
+
+
+HOSTILE = ["../../etc", "..", "a/b", "NGC 253", "x'y\"z", "x; rm -rf ~", "$(id)", "`w`", "M31\u00b0", "-rf", ".hidden",
+           "\u6771\u4eac", "", "a\\b", "x\ny"]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_no_header_value_makes_a_name_that_leaves_its_folder(value):
+    import re
+
+    when = datetime(2025, 1, 2, 0, 40)
+    built = [names.calib_name("7DT01", value, when, value, 100.0), names.stack_name(value, value, when, value, 300.0),
+             names.master_name("flat", value, "2025-01-01", 1, 2750, filt=value),
+             names.processed_dir(value, value, value), names.stack_id(value, value, value, 0),
+             names.raw_name(value, when, value, value, 1, 100.0, 1)]
+    for name in built:
+        for part in name.split("/"):
+            assert re.fullmatch(r"[A-Za-z0-9_+.-]+", part), (value, name)
+            assert ".." not in part and not part.startswith((".", "-")), (value, name)
+    assert names.safe_name("T10779") == "T10779" and names.safe_name("m425") == "m425"
+
+
+def _light_header(**cards) -> fits.Header:
+    h = fits.Header({"SIMPLE": True, "BITPIX": 16, "NAXIS": 2, "NAXIS1": 10, "NAXIS2": 10, "IMAGETYP": "LIGHT",
+                     "EXPTIME": 60.0, "DATE-OBS": "2025-01-02T05:00:00", "FILTER": "m425", "OBJECT": "T00001",
+                     "TELESCOP": "7DT01"})
+    h.update(cards)
+    return h
+
+
+@pytest.mark.parametrize("exptime", [0.0, -1.0, 1e9, "NaN"])
+def test_a_light_frame_needs_a_real_exposure(exptime):
+    with pytest.raises(BadInputError, match="EXPTIME"):
+        frame_info(_light_header(EXPTIME=exptime), "x.fits", 0)
+
+
+def test_a_bias_has_no_exposure_and_that_is_fine():
+    assert frame_info(_light_header(IMAGETYP="BIAS", EXPTIME=0.0), "x.fits", 0).exptime == 0.0
+
+
+def _non_ascii_fits(tmp_path):
+    path = tmp_path / "f.fits"
+    h = fits.Header()
+    h["OBJECT"] = ("T1", "field centre")
+    fits.PrimaryHDU(np.zeros((4, 4), np.uint16), h).writeto(path)
+    blob = bytearray(path.read_bytes())
+    blob[blob.index(b"centre")] = 0xB0  # a degree sign in Latin-1
+    path.write_bytes(bytes(blob))
+    return path
+
+
+def test_a_non_ascii_byte_in_a_comment_costs_the_card_not_the_frame(tmp_path):
+    from gppy_stage.fitsio import RawFrame
+    from gppy_stage.headers import header_from_bytes
+
+    path = _non_ascii_fits(tmp_path)
+    frame = RawFrame(path, str(path))  # opened, not quarantined
+    assert frame.header["OBJECT"] == "T1" and frame.all().shape == (4, 4)
+    frame.close()
+    header, notes = header_from_bytes(path.read_bytes()[:2880], str(path))
+    assert header["OBJECT"] == "T1" and "?" in header.comments["OBJECT"]
+    assert notes and "non-ASCII" in notes[0]
+
+
+def test_a_broken_settings_file_is_one_line_naming_the_file_and_line(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("masters:\n  min_frames: 3\nplan: [unclosed\n  x: {\n")
+    with pytest.raises(ConfigError) as info:
+        config.load_yaml(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "line " in message
+    assert "<unicode string>" not in message
+    path.write_text("- a list\n- not settings\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        config.load_yaml(path)

@@ -71,3 +71,22 @@ def test_scamp_reference_ldac():
     t = ldac.read_ldac(refcat.scamp_reference_ldac(ref, "m425"))
     assert set(["X_WORLD", "Y_WORLD", "ERRA_WORLD", "MAG", "MAGERR"]) <= set(t.colnames)
     np.testing.assert_allclose(t["X_WORLD"], ref["ra"])
+
+
+def test_text_in_a_magnitude_column_names_the_file_and_the_column():
+    _, _, _, truth = make_frame(seed=4, shape=(200, 200), n_stars=30)
+    lines = refcat_csv_bytes(truth["refcat"]).decode().splitlines()
+    at = lines[0].split(",").index("mag_m425")
+    row = lines[3].split(",")
+    row[at] = "bright"
+    lines[3] = ",".join(row)
+    with pytest.raises(BadInputError) as info:
+        refcat.read_refcat("\n".join(lines).encode(), name="ref_cat/gaiaxp_dr3_synphot_T1.csv")
+    assert info.value.path == "ref_cat/gaiaxp_dr3_synphot_T1.csv"
+    assert "'mag_m425'" in info.value.reason and "'bright'" in info.value.reason
+
+
+def test_refcat_name_of_a_hostile_object_stays_a_file_name():
+    assert refcat.refcat_name("T10779") == "gaiaxp_dr3_synphot_T10779.csv"
+    name = refcat.refcat_name("../../etc/passwd")
+    assert "/" not in name and ".." not in name

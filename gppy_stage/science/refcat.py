@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from astropy.table import Table
 from astropy.time import Time
 
 from .. import config
 from ..errors import BadInputError, ConfigError
+from ..names import safe_name
 from ..tools import ldac
 
 GAIA_EPOCH = 2016.0
@@ -30,16 +30,12 @@ VEGA_TO_AB = {"U": 0.79, "B": -0.09, "V": 0.02, "R": 0.21, "I": 0.45, "J": 0.91,
 
 def refcat_name(obj: str) -> str:
     """The 7DT reference catalogue name of a field: ``gaiaxp_dr3_synphot_<OBJECT>.csv``."""
-    return f"gaiaxp_dr3_synphot_{obj}.csv"
+    return f"gaiaxp_dr3_synphot_{safe_name(obj)}.csv"
 
 
 @functools.lru_cache(maxsize=None)
 def _column_maps(folder: str) -> dict[str, Any]:
-    path = Path(folder) / "refcat_columns.yaml"
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read: {exc}", path=str(path)) from exc
+    return config.load_yaml(Path(folder) / "refcat_columns.yaml")
 
 
 def column_maps() -> dict[str, Any]:
@@ -87,31 +83,31 @@ def standardize(raw: Table, kind: str, *, name: str = "") -> Table:
         if spec[key] not in cols:
             raise BadInputError(f"reference catalogue has no column {spec[key]!r} ({kind})", path=name)
     out = Table()
-    out["ra"] = np.asarray(raw[spec["ra"]], float)
-    out["dec"] = np.asarray(raw[spec["dec"]], float)
+    out["ra"] = _masked_float(raw[spec["ra"]], name)
+    out["dec"] = _masked_float(raw[spec["dec"]], name)
     if spec.get("id") and spec["id"] in cols:
         out["id"] = raw[spec["id"]]
     for key in ("pmra", "pmdec"):
         src = spec.get(key)
-        out[key] = np.nan_to_num(_masked_float(raw[src]), nan=0.0) if src and src in cols else np.zeros(len(raw))
+        out[key] = np.nan_to_num(_masked_float(raw[src], name), nan=0.0) if src and src in cols else np.zeros(len(raw))
     if "phot_g_mean_mag" in cols:
-        out["phot_g_mean_mag"] = _masked_float(raw["phot_g_mean_mag"])
+        out["phot_g_mean_mag"] = _masked_float(raw["phot_g_mean_mag"], name)
     if "mag_pattern" in spec:
         prefix = spec["mag_pattern"].split("{band}")[0]
         eprefix = spec["magerr_pattern"].split("{band}")[0]
         for col in raw.colnames:
             if col.startswith(prefix) and not col.startswith(eprefix):
                 band = col[len(prefix):]
-                out[f"mag_{band}"] = _masked_float(raw[col])
+                out[f"mag_{band}"] = _masked_float(raw[col], name)
                 ecol = f"{eprefix}{band}"
-                out[f"magerr_{band}"] = _masked_float(raw[ecol]) if ecol in cols else np.full(len(raw), np.nan)
+                out[f"magerr_{band}"] = _masked_float(raw[ecol], name) if ecol in cols else np.full(len(raw), np.nan)
     for band, bspec in (spec.get("bands") or {}).items():
         if bspec["mag"] not in cols:
             continue
         offset = float(bspec.get("vega_to_ab", 0.0))
-        out[f"mag_{band}"] = _masked_float(raw[bspec["mag"]]) + offset
+        out[f"mag_{band}"] = _masked_float(raw[bspec["mag"]], name) + offset
         ecol = bspec.get("magerr")
-        out[f"magerr_{band}"] = _masked_float(raw[ecol]) if ecol and ecol in cols else np.full(len(raw), np.nan)
+        out[f"magerr_{band}"] = _masked_float(raw[ecol], name) if ecol and ecol in cols else np.full(len(raw), np.nan)
     good = np.isfinite(out["ra"]) & np.isfinite(out["dec"])
     out = out[good]
     out.meta["REFCAT"] = Path(name).name if name else spec.get("name", kind)
@@ -120,9 +116,23 @@ def standardize(raw: Table, kind: str, *, name: str = "") -> Table:
     return out
 
 
-def _masked_float(col) -> np.ndarray:
-    arr = np.ma.asarray(col).astype(float)
-    return np.ma.filled(arr, np.nan)
+def _masked_float(col, name: str) -> np.ndarray:
+    """A column as floats, NaN where empty; text in a number column is bad input naming the column."""
+    values = np.ma.asarray(col)
+    try:
+        return np.ma.filled(values.astype(float), np.nan)
+    except (TypeError, ValueError):
+        bad = next(v for v in values.compressed() if not _is_number(v))
+        raise BadInputError(f"reference catalogue column {col.name!r} holds {bad!r}, not a number",
+                            path=name) from None
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def bands(table: Table) -> list[str]:

@@ -24,7 +24,7 @@ from .. import config, names
 from ..errors import ConfigError
 from . import catalog, detector, model, render
 
-SIZES = {"small": (1024, 1536)}  # rows, columns; "full" comes from the instrument registry
+SIZES = {"small": (1024, 1536), "tiny": (512, 768)}  # rows, columns; "full" comes from the instrument registry
 CATALOGUE_MARGIN_DEG = 5.0 / 60.0
 REF_MARGIN_PX = 128
 N_FLATS, N_BIAS, N_DARK = 5, 9, 9
@@ -57,7 +57,7 @@ def frame_shape(size: str, unit: str) -> tuple[int, int]:
         return config.instrument(unit).shape
     if size in SIZES:
         return SIZES[size]
-    raise ConfigError(f"unknown size {size!r} (small or full)")
+    raise ConfigError(f"unknown size {size!r} (small, tiny or full)")
 
 
 def _transit_utc(ra: float, day: datetime) -> datetime:
@@ -242,7 +242,7 @@ def simulate_night(out: str | Path, unit: str = "7DT01", night: str = "2025-01-0
 
     # ---- the sky of the field (night- and unit-independent)
     half = (nx * pixscale / 7200.0 + CATALOGUE_MARGIN_DEG, ny * pixscale / 7200.0 + CATALOGUE_MARGIN_DEG)
-    boost = 4.0 if size == "small" else 1.0
+    boost = {"small": 4.0, "tiny": 16.0}.get(size, 1.0)  # frames smaller than full get denser fields
     stars, tycho_used = catalog.star_field(ra0, dec0, half, seed, field, boost=boost)
     refcat = catalog.reference_catalogue(stars, seed, field)
     refcat_path = out / "ref_cat" / f"gaiaxp_dr3_synphot_{field}.csv"

@@ -41,7 +41,7 @@ def load_reference(raw: bytes | None, obj: str, when):
     """The reference in the one shape of refcat, at the observation epoch (None stays None)."""
     if raw is None:
         return None
-    ref = refcat_mod.read_refcat(raw, name=refcat_mod.refcat_name(obj))
+    ref = refcat_mod.read_refcat(raw, name=refcat_key(obj))
     return refcat_mod.at_epoch(ref, when) if when is not None else ref
 
 
@@ -77,13 +77,22 @@ def run(ctx: Night, frame: str) -> dict:
         extensions = [h.copy() for h in hdul[1:]]
     when = astro.observation_time(header)
     reference = load_reference(ref_raw, entry["object"], when)
-    solution = astro.solve(
-        data, header, reference, pixscale=reg.pixscale, gain=float(header.get("EGAIN", reg.gain)),
-        saturation=float(header.get("SATURATE", reg.saturation)), mask=mask, variance=variance,
-        band=entry.get("filter"), position_maxerr_arcmin=SETTINGS["position_maxerr_arcmin"],
-        max_offset_arcsec=SETTINGS["max_offset_arcsec"], min_match=SETTINGS["min_match"],
-        cpulimit=SETTINGS["cpulimit"],
-    )
+    if ref_raw is None:
+        log.event(_log, "no reference catalogue: blind solve only", level=30, frame=frame,
+                  looked_for=refcat_key(entry["object"]))
+    try:
+        solution = astro.solve(
+            data, header, reference, pixscale=reg.pixscale, gain=float(header.get("EGAIN", reg.gain)),
+            saturation=float(header.get("SATURATE", reg.saturation)), mask=mask, variance=variance,
+            band=entry.get("filter"), position_maxerr_arcmin=SETTINGS["position_maxerr_arcmin"],
+            max_offset_arcsec=SETTINGS["max_offset_arcsec"], min_match=SETTINGS["min_match"],
+            cpulimit=SETTINGS["cpulimit"],
+        )
+    except astro.AstrometryError as exc:
+        if ref_raw is None:  # the cause an operator can fix: say which key was looked for
+            raise astro.AstrometryError(f"{exc.reason} (no {refcat_key(entry['object'])} under the root)",
+                                        path=exc.path or output_url) from None
+        raise
     new_header = astro.apply_solution(header, solution)
     new_header["ASTRHASH"] = (work, "hash of astrometry inputs and settings")
     new_header["PIPEVER"] = (__version__, "gppy-stage version")

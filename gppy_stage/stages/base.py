@@ -47,9 +47,18 @@ class Night:
             url = self.url(self.run_prefix, "plan.json")
             if not storage.exists(url):
                 raise ConfigError(f"no plan for {self.unit} {self.night}: run `gppy stage plan` first ({url})")
-            plan = json.loads(storage.get_bytes(url))
-            if plan.get("schema") != PLAN_SCHEMA:
-                raise ConfigError(f"{url} has schema {plan.get('schema')!r}, expected {PLAN_SCHEMA}")
+            try:
+                plan = json.loads(storage.get_bytes(url))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"plan.json is not valid JSON ({exc}): plan again with `gppy stage plan` "
+                                  f"(`gppy night run` re-plans by itself)", path=url) from None
+            if not isinstance(plan, dict) or plan.get("schema") != PLAN_SCHEMA:
+                schema = plan.get("schema") if isinstance(plan, dict) else type(plan).__name__
+                raise ConfigError(f"plan.json has schema {schema!r}, expected {PLAN_SCHEMA}: plan again with "
+                                  f"`gppy stage plan`", path=url)
+            missing = [k for k in ("calsets", "frames", "stacks", "quarantine") if not isinstance(plan.get(k), list)]
+            if missing:
+                raise ConfigError(f"plan.json lacks {', '.join(missing)}: plan again with `gppy stage plan`", path=url)
             self._plan = plan
         return self._plan
 

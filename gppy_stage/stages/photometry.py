@@ -70,7 +70,7 @@ def run_product(ctx: Night, key: str, obj: str, band: str | None, label: str | N
         mask = np.asarray(hdul["MASK"].data) if "MASK" in hdul else None
         variance = np.asarray(hdul["VARIANCE"].data, dtype=np.float32) if "VARIANCE" in hdul else None
         extensions = [h.copy() for h in hdul[1:]]
-    reference = refcat_mod.read_refcat(ref_raw, name=refcat_mod.refcat_name(obj))
+    reference = refcat_mod.read_refcat(ref_raw, name=refcat_key(obj))
     when = astro.observation_time(header)
     if when is not None:
         reference = refcat_mod.at_epoch(reference, when)

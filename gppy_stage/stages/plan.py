@@ -11,17 +11,21 @@ stage, locally and on Argo; its three lists are what the fan-outs iterate over:
                "zero": {"frames": [key...], "output": key} | null,
                "darks": [{"exptime", "frames", "output"}], "flats": [{"filter", "frames", "output"}]}],
   "frames":  [{"id", "raw", "object", "filter", "exptime", "date_obs", "mjd", "binning", "gain",
-               "camera", "masters": {"zero": key, "dark": key, "flat": key}, "output": key, "stack": id}],
+               "camera", "masters": {"zero": key, "dark": key, "flat": key}, "output": key, "stack": id,
+               "warnings": [str] (only when there are some)}],
   "stacks":  [{"id", "field", "filter", "unit", "block", "frames": [frame id...], "start", "end", "output"}],
   "quarantine": [{"file", "kind", "exit_code", "reason", "stage"}],
   "skipped": [{"file", "reason"}], "warnings": [str]
 }
 ```
-Keys are relative to the root. Frame ids are the raw file stems; they are unique in a night.
+Keys are relative to the root. Frame ids are the raw file stems; they are unique in a night. Every
+name is built from header values through ``names.safe_name``; a frame whose OBJECT is not a safe
+name gets the safe one as its field, with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
@@ -31,14 +35,17 @@ from astropy.io import fits
 
 from .. import __version__, config, library, log, storage
 from ..errors import BadInputError, ConfigError, GppyError, RetriableError
-from ..headers import BLOCK, FrameInfo, frame_info, header_from_head_text
+from ..headers import BLOCK, FrameInfo, frame_info, header_from_bytes
 from ..names import (
+    FITS_SUFFIXES,
     NightName,
     calib_name,
     master_name,
     night_date_of,
     parse_night,
     processed_dir,
+    safe_name,
+    stack_id,
     stack_name,
     strip_fits_suffix,
 )
@@ -77,26 +84,64 @@ def latest_night(root: str, unit: str, now: datetime | None = None) -> str:
     return done[-1]
 
 
-def _read_header(obj: storage.ObjectInfo, by_key: dict[str, storage.ObjectInfo]) -> fits.Header:
-    stem = strip_fits_suffix(obj.key)
-    head = by_key.get(f"{stem}.head")
-    if head is not None:
-        return header_from_head_text(storage.get_bytes(head.url).decode("ascii", "replace"))
-    # No sidecar: read the first blocks until the END card (a raw header is a few blocks), so an
-    # S3 night is planned without downloading any pixels.
+# what a TCSpy .head sidecar and its FITS header must agree on: the keys the plan is made from
+HEAD_KEYS = ("IMAGETYP", "OBJECT", "FILTER", "EXPTIME", "DATE-OBS", "NAXIS1", "NAXIS2", "TELESCOP", "XBINNING", "GAIN")
+
+
+def _fits_header(obj: storage.ObjectInfo) -> tuple[fits.Header, list[str]]:
+    """The primary header, read up to its END card (a raw header is a few blocks), so an S3
+    night is planned without downloading any pixels."""
     end = b"END" + b" " * 77
     nbytes = BLOCK * 4
     while True:
         blob = storage.get_head(obj.url, nbytes)
         for at in range(0, len(blob) - 79, 80):
             if blob[at:at + 80] == end:
-                try:
-                    return fits.Header.fromstring(blob[: at + 80].decode("ascii", "replace"))
-                except ValueError as exc:
-                    raise BadInputError(f"unreadable FITS header ({exc})", path=obj.url) from None
+                return header_from_bytes(blob[: at + 80], obj.url)
         if len(blob) < nbytes or nbytes >= BLOCK * 64:
             raise BadInputError("cannot read a FITS header (no END card)", path=obj.url)
         nbytes *= 4
+
+
+def _same(a, b) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a).strip() == str(b).strip()
+
+
+def _read_header(obj: storage.ObjectInfo, by_key: dict[str, storage.ObjectInfo]) -> tuple[fits.Header, list[str]]:
+    """The header the plan is made from, and warnings about it.
+
+    The FITS file's own header wins over its ``.head`` sidecar: it is the header the later stages
+    read with the pixels, so planning from anything else would plan one frame and reduce another.
+    A sidecar that disagrees is reported (a warning on the frame in plan.json). A tile-compressed
+    file's primary header is not the image's, so there the sidecar is the header."""
+    stem = strip_fits_suffix(obj.key)
+    head = by_key.get(f"{stem}.head")
+    if head is not None and obj.key.lower().endswith(".fz"):
+        return header_from_bytes(storage.get_bytes(head.url), head.url)
+    header, notes = _fits_header(obj)
+    if head is None:
+        return header, notes
+    try:
+        side, side_notes = header_from_bytes(storage.get_bytes(head.url), head.url)
+    except BadInputError as exc:
+        return header, notes + [f"{storage.basename(head.url)} is unreadable ({exc.reason}); the FITS header is used"]
+    notes += side_notes
+    for key in HEAD_KEYS:
+        if (key in side or key in header) and not _same(side.get(key), header.get(key)):
+            notes.append(f"{storage.basename(head.url)} says {key}={side.get(key)!r} but the FITS header says "
+                         f"{header.get(key)!r}; the FITS header is used")
+    return header, notes
+
+
+def check_root(root: str, unit: str) -> None:
+    """A root without ``obsdata/<unit>/`` is a wrong ``--root`` (a typo, a disk not mounted): said
+    before anything is written, so a mistyped root is not filled with empty run folders."""
+    units = storage.list_prefixes(storage.join(root, "obsdata"))
+    if not any(u.upper() == unit.upper() for u in units):
+        raise ConfigError(f"the root {root} has no obsdata/{unit}/ (is --root right?)")
 
 
 def _drop_odd_shapes(frames: list[FrameInfo], relative: dict[str, str], raw_prefix: str,
@@ -118,6 +163,55 @@ def _drop_odd_shapes(frames: list[FrameInfo], relative: dict[str, str], raw_pref
     return kept
 
 
+def _warn(warnings: list[str], frame_notes: list[str], file: str, note: str) -> None:
+    """A warning on a frame: on the frame's plan entry, in the plan's list and in the log."""
+    frame_notes.append(note)
+    warnings.append(f"{storage.basename(file)}: {note}")
+    log.event(_log, "frame warning", level=30, file=file, warning=note)
+
+
+def _skip(skipped: list[dict], file: str, reason: str) -> None:
+    skipped.append({"file": file, "reason": reason})
+    log.event(_log, "skipped", level=30, file=file, reason=reason)
+
+
+def _drop_duplicates(frames: list[FrameInfo], relative: dict[str, str], raw_prefix: str,
+                     quarantine: list[dict]) -> list[FrameInfo]:
+    """Byte-identical copies of a frame under other names are quarantined as duplicates of the
+    first: combined or stacked twice, one exposure would count as two. Only frames that share
+    type, unit and DATE-OBS are compared, so a night is not read whole to find them."""
+    groups: dict[tuple, list[FrameInfo]] = defaultdict(list)
+    for info in frames:
+        groups[(info.imagetyp, info.unit, info.date_obs, info.size)].append(info)
+    dropped = set()
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        seen: dict[str, FrameInfo] = {}
+        for info in sorted(members, key=lambda i: i.name):
+            digest = hashlib.sha256(storage.get_bytes(info.url)).hexdigest()
+            if digest in seen:
+                reason = f"a byte-identical duplicate of {seen[digest].name}"
+                quarantine.append({"file": f"{raw_prefix}/{relative[info.url]}", "kind": "bad_input",
+                                   "exit_code": BadInputError.exit_code, "reason": reason, "stage": "plan"})
+                log.event(_log, "quarantined", file=info.name, reason=reason)
+                dropped.add(info.url)
+            else:
+                seen[digest] = info
+    return [f for f in frames if f.url not in dropped]
+
+
+def _same_name_copies(lights: list[FrameInfo], unit: str) -> dict[str, int]:
+    """Different exposures started in the same second (another file name, other pixels) would share
+    a calib name: each gets its own (0 for the first by DATE-OBS then file name, 1, 2... for the
+    others), so a re-plan names every frame as before and none overwrites another's product."""
+    groups: dict[str, list[FrameInfo]] = defaultdict(list)
+    for info in lights:
+        groups[calib_name(unit, safe_name(info.object), info.when, info.filter, info.exptime)].append(info)
+    return {info.url: i for members in groups.values()
+            for i, info in enumerate(sorted(members, key=lambda m: (m.date_obs, m.name)))}
+
+
 def _calset_id(unit: str, night_date: str, binning: int, gain: int | None, camera: str) -> str:
     cam = "".join(c for c in camera if c.isalnum()) or "cam"
     return f"{unit}_{night_date.replace('-', '')}_{binning}x{binning}_gain{gain}_{cam}"
@@ -126,6 +220,9 @@ def _calset_id(unit: str, night_date: str, binning: int, gain: int | None, camer
 def make_plan(root: str, unit: str, night: str) -> dict:
     """Build the plan of a night. Pure of writes: reads headers and the master library."""
     config.instrument(unit)  # an unknown unit is a configuration error, said before any work
+    check_root(root, unit)
+    if night not in storage.list_prefixes(storage.join(root, "obsdata", unit)):
+        raise ConfigError(f"the root {root} has no night folder obsdata/{unit}/{night}/")
     cfg_masters = config.settings("masters")
     cfg_plan = config.settings("plan")
     min_frames = int(cfg_masters["min_frames"])
@@ -136,12 +233,15 @@ def make_plan(root: str, unit: str, night: str) -> dict:
     frames: list[FrameInfo] = []
     quarantine, skipped, warnings = [], [], []
     relative: dict[str, str] = {}
+    frame_notes: dict[str, list[str]] = {}
     for obj in objects:
         if strip_fits_suffix(obj.key) is None:
+            if obj.key.endswith(".head") and not any(f"{obj.key[:-5]}{sfx}" in by_key for sfx in FITS_SUFFIXES):
+                _skip(skipped, f"{raw_prefix}/{obj.key}", "a .head sidecar with no FITS file beside it")
             continue
         try:
             try:
-                hdr = _read_header(obj, by_key)
+                hdr, notes = _read_header(obj, by_key)
                 info = frame_info(hdr, obj.url, obj.size)
             except (ValueError, TypeError, KeyError) as exc:  # a header value that cannot be what it says
                 raise BadInputError(f"unreadable header ({type(exc).__name__}: {exc})", path=obj.url) from None
@@ -153,11 +253,17 @@ def make_plan(root: str, unit: str, night: str) -> dict:
             log.event(_log, "quarantined", file=record["file"], reason=exc.reason)
             continue
         if info.unit and info.unit.upper() != unit.upper():
-            skipped.append({"file": f"{raw_prefix}/{obj.key}", "reason": f"TELESCOP is {info.unit}, not {unit}"})
+            _skip(skipped, f"{raw_prefix}/{obj.key}", f"TELESCOP is {info.unit}, not {unit}")
             continue
+        if int(hdr.get("BITPIX", 16)) < 0:
+            notes.append(f"floating-point raw frame (BITPIX {hdr['BITPIX']}): reduced as it is")
+        frame_notes[info.url] = []
+        for note in notes:
+            _warn(warnings, frame_notes[info.url], f"{raw_prefix}/{obj.key}", note)
         frames.append(info)
         relative[info.url] = obj.key
 
+    frames = _drop_duplicates(frames, relative, raw_prefix, quarantine)
     # The night's frames share one readout shape per binning (the full 9576x6388 detector, or a
     # region of interest); a frame of another shape cannot be combined or calibrated with them.
     frames = _drop_odd_shapes(frames, relative, raw_prefix, quarantine)
@@ -219,6 +325,7 @@ def make_plan(root: str, unit: str, night: str) -> dict:
 
     plan_frames = []
     lights = sorted((f for f in frames if f.imagetyp == "LIGHT"), key=lambda f: f.mjd)
+    copies = _same_name_copies(lights, unit)
     for info in lights:
         masters, missing = {}, []
         for kind in library.KINDS:
@@ -237,14 +344,28 @@ def make_plan(root: str, unit: str, night: str) -> dict:
             quarantine.append(record)
             log.event(_log, "quarantined", file=raw, reason=record["reason"])
             continue
-        field = info.object or "UNKNOWN"
-        plan_frames.append({
+        field = safe_name(info.object)
+        entry = {
             "id": strip_fits_suffix(info.name), "raw": raw, "object": field, "filter": info.filter,
             "exptime": info.exptime, "date_obs": info.date_obs, "mjd": info.mjd, "binning": info.binning,
             "gain": info.gain, "camera": info.camera, "masters": masters,
-            "output": f"{processed_dir(field, unit, info.filter)}/{calib_name(unit, field, info.when, info.filter, info.exptime)}",
-        })
+        }
+        if field != info.object:
+            _warn(warnings, frame_notes[info.url], raw, f"OBJECT {info.object!r} is not a safe name: the field is {field!r}")
+        name_args = (unit, field, info.when, info.filter, info.exptime)
+        copy = copies[info.url]
+        if copy:
+            _warn(warnings, frame_notes[info.url], raw,
+                  f"another frame of {field} {info.filter} started in the same second: named apart with _{copy + 1}")
+        entry["output"] = f"{processed_dir(field, unit, info.filter)}/{calib_name(*name_args, copy=copy)}"
+        if frame_notes[info.url]:
+            entry["warnings"] = frame_notes[info.url]
+        plan_frames.append(entry)
 
+    raw_count = sum(1 for o in objects if strip_fits_suffix(o.key) is not None)
+    if not raw_count:
+        warnings.append(f"{raw_prefix} holds no FITS frames")
+        log.event(_log, "empty night", level=30, warning=warnings[-1])
     stacks = _stack_groups(plan_frames, unit, float(cfg_plan["stack_gap_minutes"]), int(cfg_plan["min_stack_frames"]))
     return {
         "schema": PLAN_SCHEMA,
@@ -254,7 +375,7 @@ def make_plan(root: str, unit: str, night: str) -> dict:
         "made": utcnow(),
         "pipeline_version": __version__,
         "settings_hash": config.settings_hash(config.settings()),
-        "raw_frames": sum(1 for o in objects if strip_fits_suffix(o.key) is not None),
+        "raw_frames": raw_count,
         "calsets": calsets,
         "frames": plan_frames,
         "stacks": stacks,
@@ -282,7 +403,7 @@ def _stack_groups(frames: list[dict], unit: str, gap_minutes: float, min_frames:
         for i, block in enumerate(blocks):
             if len(block) < min_frames:
                 continue
-            sid = f"{field}_{filt}_{unit}_{i}"
+            sid = stack_id(field, filt, unit, i)
             start = datetime.fromisoformat(block[0]["date_obs"])
             end = datetime.fromisoformat(block[-1]["date_obs"]) + timedelta(seconds=block[-1]["exptime"])
             total = sum(f["exptime"] for f in block)
