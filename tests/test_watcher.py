@@ -403,7 +403,7 @@ def test_late_files_are_reported_once_and_the_night_can_be_resubmitted(bucket, k
     put_raw(bucket, "7DT03", NIGHT, 4)
     assert [_action(_poll(bucket, kube), NIGHT) for _ in range(2)] == [["growing"], ["submitted"]]
     put_raw(bucket, "7DT03", NIGHT, 1, start=4)  # arrives after the night went
-    late_key = f"7DT03_20250101_030400_M31_r_1x1_60.0s_0004.fits"
+    late_key = "7DT03_20250101_030400_M31_r_1x1_60.0s_0004.fits"
     assert _action(_poll(bucket, kube), NIGHT) == ["late-files"]
     assert len(slack) == 2 and "late files" in slack[1]["text"] and late_key in slack[1]["text"]
     assert f"gppy watch --resubmit 7DT03 {NIGHT}" in slack[1]["text"]
