@@ -84,8 +84,10 @@ def snr_map(d, n, bad, fwhm: float):
         out = correlate1d(img, kernel, axis=0, mode="constant", cval=0.0)
         return correlate1d(out, kernel, axis=1, mode="constant", cval=0.0, output=out)
 
+    ivar = n * n
     with np.errstate(divide="ignore"):
-        ivar = np.where(bad, np.float32(0), np.float32(1) / (n * n))
+        np.divide(np.float32(1), ivar, out=ivar)
+    ivar[bad] = 0
     den = smooth(ivar, g * g)
     ivar *= d
     snr = smooth(ivar, g)
@@ -158,15 +160,21 @@ def _extract(d, snr, bad, *, fwhm, threshold, minarea, sign):
 
     # a difference image holds few sources: a bounded pixel stack, not one sized by the frame
     sep.set_extract_pixstack(int(min(max(300000, snr.size // 4), 5_000_000)))
-    data, det = (d, snr) if sign > 0 else (-d, -snr)
-    objs = sep.extract(det, threshold, mask=bad, minarea=minarea, filter_kernel=None, deblend_cont=0.005,
-                       clean=True)
-    del det
-    if len(objs):
-        xw, yw, f = sep.winpos(data, objs["x"], objs["y"], fwhm * SIGMA_PER_FWHM, mask=bad)
-        ok = (f == 0) & np.isfinite(xw) & (np.hypot(xw - objs["x"], yw - objs["y"]) < fwhm)
-        objs["x"] = np.where(ok, xw, objs["x"])
-        objs["y"] = np.where(ok, yw, objs["y"])
+    if sign < 0:  # the caller's own working copies: flipped in place and back, not copied
+        np.negative(d, out=d)
+        np.negative(snr, out=snr)
+    try:
+        objs = sep.extract(snr, threshold, mask=bad, minarea=minarea, filter_kernel=None, deblend_cont=0.005,
+                           clean=True)
+        if len(objs):
+            xw, yw, f = sep.winpos(d, objs["x"], objs["y"], fwhm * SIGMA_PER_FWHM, mask=bad)
+            ok = (f == 0) & np.isfinite(xw) & (np.hypot(xw - objs["x"], yw - objs["y"]) < fwhm)
+            objs["x"] = np.where(ok, xw, objs["x"])
+            objs["y"] = np.where(ok, yw, objs["y"])
+    finally:
+        if sign < 0:
+            np.negative(d, out=d)
+            np.negative(snr, out=snr)
     return objs
 
 
@@ -430,7 +438,8 @@ def aperture_noise_factor(data, noise, bad, radius, avoid_x, avoid_y, n_aperture
     """Measured / nominal scatter of aperture sums at random places away from the sources.
 
     The nominal aperture error (sum of per-pixel variances) ignores the difference image's
-    pixel-to-pixel correlation; this MAD ratio (>= 1) corrects it. Seeded: a pure function.
+    pixel-to-pixel correlation; this MAD ratio (>= 1) corrects it. ``noise`` is finite
+    everywhere (0 where ``bad``), as sep needs it. Seeded: a pure function.
     """
     import sep
 
@@ -443,7 +452,7 @@ def aperture_noise_factor(data, noise, bad, radius, avoid_x, avoid_y, n_aperture
     px, py = px[keep][:n_apertures], py[keep][:n_apertures]
     if len(px) < 50:
         return 1.0
-    f, fe, flag = sep.sum_circle(data, px, py, radius, err=np.where(bad, np.float32(0), noise), mask=bad, subpix=5)
+    f, fe, flag = sep.sum_circle(data, px, py, radius, err=noise, mask=bad, subpix=5)
     ok = (flag == 0) & (fe > 0)
     if ok.sum() < 50:
         return 1.0
