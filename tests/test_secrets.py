@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -74,7 +73,11 @@ def test_no_secret_in_any_output_or_file(tmp_path, careless):
     root = tmp_path / "root"
     simulate_night(root, filters=("m475",), seed=3, n_science=1, reference=False)
     before = {p for p in root.rglob("*") if p.is_file()}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "AWS_", "GPPY_S3"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "AWS_", "GPPY_S3", "GPPY_SCRATCH"))}
+    # the runs' temporary and scratch folders, where this test can search all of them
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env["TMPDIR"] = str(tmp)
     env.update(SLACK_WEBHOOK_URL=url + HOOK_PATH, SLACK_BOT_TOKEN=TOKEN, SLACK_CHANNEL="#7dt",
                SLACK_API_URL=url, AWS_SECRET_ACCESS_KEY=AWS_SECRET, AWS_ACCESS_KEY_ID="AKIDTESTING",
                AWS_ENDPOINT_URL=url, AWS_DEFAULT_REGION="us-east-1", GPPY_S3_RETRIES="2",
@@ -109,9 +112,5 @@ def test_no_secret_in_any_output_or_file(tmp_path, careless):
     leaked = {str(p.relative_to(root)): found for p in written if (found := _leaks(p.read_bytes()))}
     assert leaked == {}
     # the scratch folders and anything else a run left in the temporary directory
-    tmp = Path(env.get("TMPDIR") or "/tmp")
-    mine = [p for p in tmp.glob("gppy-*") if p.is_dir() and p.stat().st_mtime >= root.stat().st_mtime]
-    for folder in mine:
-        for p in folder.rglob("*"):
-            if p.is_file() and p.stat().st_size < 50_000_000:
-                assert _leaks(p.read_bytes()) == [], p
+    left = {str(p.relative_to(tmp)): found for p in tmp.rglob("*") if p.is_file() and (found := _leaks(p.read_bytes()))}
+    assert left == {}
