@@ -67,7 +67,12 @@ def night_labels(unit: str, night: NightName, kind: str) -> dict[str, str]:
 
 def kube_api(kubeconfig: str | None = None):
     """CustomObjectsApi from the pod's service account, else from a kubeconfig (``$KUBECONFIG``)."""
-    from kubernetes import client, config
+    try:
+        from kubernetes import client, config
+    except ModuleNotFoundError as exc:
+        # the client is the [cluster] extra, not a runtime dependency: say so, not "a bug"
+        raise ConfigError(f"the Kubernetes client is not installed ({exc.name}): "
+                          "pip install 'gppy-stage[cluster]'") from None
 
     cfg = client.Configuration()
     try:
