@@ -335,7 +335,8 @@ def config_yaml_broken(root, tmp):
     cfg = tmp / "config"
     shutil.copytree(CONFIG, cfg)
     (cfg / "pipeline.yaml").write_text((cfg / "pipeline.yaml").read_text() + "\nplan: [unclosed\n  x: {\n")
-    return {"env": {"GPPY_CONFIG": str(cfg)}, "says": ["pipeline.yaml", "line "], "keeps": "nothing new"}
+    return {"env": {"GPPY_CONFIG": str(cfg)}, "says": ["pipeline.yaml: line ", "not valid YAML"],
+            "never": ["<unicode string>"], "keeps": "nothing new"}
 
 
 def root_missing(root):
@@ -430,6 +431,7 @@ def _check_kept(root: Path, plan: dict, keeps: str, made: list[str]) -> None:
     for stem in made:  # a frame the pipeline was to keep (with a warning) was made too
         entry = next((f for f in new_plan["frames"] if f["id"] == stem), None)
         assert entry is not None, f"{stem} is not in the plan"
+        assert entry.get("warnings"), f"{stem} was kept without the warning it needs in plan.json"
         assert _opens(root / entry["output"]), f"{stem} was kept but not made"
         assert (root / entry["output"]).resolve().is_relative_to(root.resolve())
 
@@ -450,6 +452,12 @@ def test_bad_input(case, good, tmp_path):
     assert "Traceback" not in output, output[-4000:]
     for text in spec.get("says", []):
         assert text in output, f"the output does not say {text!r}:\n{output[-4000:]}"
+    for text in spec.get("never", []):
+        assert text not in output, f"the output says {text!r}:\n{output[-4000:]}"
+    if case.run == "plan":  # the plan lists what it did with the file, for the night report
+        new_plan = json.loads((root / "runs" / UNIT / NIGHT / "plan.json").read_text())
+        listed = json.dumps([new_plan["quarantine"], new_plan["skipped"], new_plan["warnings"]])
+        assert spec["says"][0] in listed, f"plan.json does not list {spec['says'][0]}"
     assert _hashes(root) == before, "a raw file changed"
     assert sorted(p.name for p in outside.iterdir()) == (["root"] if before else []), "written outside the root"
     assert not (tmp_path / "etc").exists() and not any(tmp_path.glob("*/etc"))

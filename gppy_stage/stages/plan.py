@@ -170,8 +170,10 @@ def _warn(warnings: list[str], frame_notes: list[str], file: str, note: str) -> 
     log.event(_log, "frame warning", level=30, file=file, warning=note)
 
 
-def _skip(skipped: list[dict], file: str, reason: str) -> None:
+def _skip(skipped: list[dict], warnings: list[str], file: str, reason: str) -> None:
+    """A file of the night folder that is not planned: listed, and said in the night report."""
     skipped.append({"file": file, "reason": reason})
+    warnings.append(f"{storage.basename(file)}: skipped: {reason}")
     log.event(_log, "skipped", level=30, file=file, reason=reason)
 
 
@@ -237,7 +239,7 @@ def make_plan(root: str, unit: str, night: str) -> dict:
     for obj in objects:
         if strip_fits_suffix(obj.key) is None:
             if obj.key.endswith(".head") and not any(f"{obj.key[:-5]}{sfx}" in by_key for sfx in FITS_SUFFIXES):
-                _skip(skipped, f"{raw_prefix}/{obj.key}", "a .head sidecar with no FITS file beside it")
+                _skip(skipped, warnings, f"{raw_prefix}/{obj.key}", "a .head sidecar with no FITS file beside it")
             continue
         try:
             try:
@@ -253,7 +255,7 @@ def make_plan(root: str, unit: str, night: str) -> dict:
             log.event(_log, "quarantined", file=record["file"], reason=exc.reason)
             continue
         if info.unit and info.unit.upper() != unit.upper():
-            _skip(skipped, f"{raw_prefix}/{obj.key}", f"TELESCOP is {info.unit}, not {unit}")
+            _skip(skipped, warnings, f"{raw_prefix}/{obj.key}", f"TELESCOP is {info.unit}, not {unit}")
             continue
         if int(hdr.get("BITPIX", 16)) < 0:
             notes.append(f"floating-point raw frame (BITPIX {hdr['BITPIX']}): reduced as it is")
