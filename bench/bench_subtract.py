@@ -9,7 +9,7 @@ native time, peak RSS, the residual noise ratio (std of the difference / rms of 
 on source-free, unmasked pixels; 1.00 is ideal) and the kernel's flux scale (true 1.3000).
 HOTPANTS runs where it is on PATH, the native engine on CuPy where a CUDA device is.
 
-    python bench/bench_subtract.py [--sizes 2048,4096,full]   (hotpants: PATH, else ../shared/tools/hotpants)
+    python bench/bench_subtract.py [--sizes 2048,4096,full] [--repeat N]   (hotpants: PATH, else ../shared/tools/hotpants)
     python bench/bench_subtract.py --child ENGINE DIR      (one engine on one saved pair; JSON out)
 """
 
@@ -142,13 +142,20 @@ def run_child(engine: str, folder: str, timeout: float = 3600) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_size(label: str, engines) -> list[dict]:
+def best_of(engine: str, folder: str, repeat: int) -> dict:
+    """The fastest of ``repeat`` runs: on a shared machine the others' load only ever adds time."""
+    runs = [run_child(engine, folder) for _ in range(max(1, repeat))]
+    ok = [r for r in runs if "error" not in r]
+    return min(ok, key=lambda r: r["seconds"]) if ok else runs[0]
+
+
+def bench_size(label: str, engines, repeat: int = 1) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="gppy_bench_subtract_") as folder:
         t0 = time.perf_counter()
         truth = make_inputs(folder, SIZES[label])
         print(f"{label}: {truth['shape'][1]}x{truth['shape'][0]} px, {truth['n_stars']} stars + 20 injected, "
               f"simulated in {time.perf_counter() - t0:.1f} s", flush=True)
-        return [dict(run_child(e, folder), size=label) for e in engines]
+        return [dict(best_of(e, folder, repeat), size=label) for e in engines]
 
 
 def print_table(rows):
@@ -171,6 +178,7 @@ def print_table(rows):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="2048,4096,full")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per engine and size; the fastest is shown")
     ap.add_argument("--child", nargs=2, metavar=("ENGINE", "DIR"))
     a = ap.parse_args(argv)
     if a.child:
@@ -185,7 +193,7 @@ def main(argv=None):
           f"numpy {np.__version__}; GPU: {gpu}; hotpants: {shutil.which('hotpants') or 'not on PATH (skipped)'}")
     rows = []
     for label in a.sizes.split(","):
-        rows += bench_size(label.strip(), engines)
+        rows += bench_size(label.strip(), engines, a.repeat)
     print_table(rows)
 
 
