@@ -108,6 +108,36 @@ def instrument(obs: str) -> Instrument:
         ) from None
 
 
+@dataclass(frozen=True)
+class Site:
+    """How an observatory names its night folders (names.NIGHT_PATTERNS) and which software writes
+    its headers (``tcspy`` for 7DT; ``maxim`` for MaxIm DL, SBIG, Andor, FLI, KMTNet): the registry's
+    ``night_folder`` and ``header_dialect`` columns. Apart from Instrument so that the detector's
+    provenance hash (masters, reduce) does not change with them."""
+
+    instrument: Instrument
+    night_folder: str = "YYYY-MM-DD_gain"
+    header_dialect: str = "tcspy"
+
+    @property
+    def obs(self) -> str:
+        return self.instrument.obs
+
+
+@functools.lru_cache(maxsize=None)
+def _site_columns(folder: str) -> dict[str, tuple[str, str]]:
+    with open(Path(folder) / "instruments.csv", newline="") as fh:
+        return {row["obs"].upper(): (row.get("night_folder") or "YYYY-MM-DD_gain", row.get("header_dialect") or "tcspy")
+                for row in csv.DictReader(fh)}
+
+
+def site(obs: str) -> Site:
+    """The registry row of ``obs`` with its folder and header conventions."""
+    inst = instrument(obs)
+    night_folder, dialect = _site_columns(str(config_dir()))[obs.upper()]
+    return Site(inst, night_folder, dialect)
+
+
 @functools.lru_cache(maxsize=None)
 def _yaml(folder: str, name: str) -> dict[str, Any]:
     path = Path(folder) / name

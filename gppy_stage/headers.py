@@ -61,12 +61,39 @@ def normalise_filter(value) -> str | None:
     return raw
 
 
-def normalise(header: fits.Header, source: str = "") -> fits.Header:
+def _site_rules(site: str | None) -> dict:
+    if not site:
+        return {}
+    sites = config.header_rules().get("sites") or {}
+    return next((v or {} for k, v in sites.items() if str(k).upper() == site.upper()), {})
+
+
+def _apply_site_fixes(header: fits.Header, site: str | None) -> fits.Header:
+    """gpPy's ``changehdr.dat``: keys a site writes wrong, set right (``sites.<OBS>.set``), and its
+    filter wheel's digits named (``sites.<OBS>.filter_wheel``). The value written is kept as
+    ``<KEY>ORI`` where one is rewritten."""
+    rules = _site_rules(site)
+    out = header.copy()
+    for key, value in (rules.get("set") or {}).items():
+        key = str(key).upper()
+        if key in out and str(out[key]).strip() != str(value):
+            out[f"{key[:5]}ORI"] = (str(out[key]), f"{key} as the telescope wrote it")
+        out[key] = value
+    wheel = {str(k).strip(): str(v) for k, v in (rules.get("filter_wheel") or {}).items()}
+    if wheel and "FILTER" in out and str(out["FILTER"]).strip() in wheel:
+        out["FILTORI"] = (str(out["FILTER"]), "FILTER as the telescope wrote it")
+        out["FILTER"] = wheel[str(out["FILTER"]).strip()]
+    return out
+
+
+def normalise(header: fits.Header, source: str = "", site: str | None = None) -> fits.Header:
     """A copy of ``header`` with IMAGETYP, FILTER, EXPTIME, DATE-OBS... in the 7DT vocabulary.
 
+    ``site`` (an observatory of the registry) applies that site's rules of header_rules.yaml first.
     Keys are only added or rewritten, never dropped, so nothing the telescope wrote is lost.
     """
     rules = config.header_rules()
+    header = _apply_site_fixes(header, site)
     out = header.copy()
     aliases = rules["key_aliases"]
     empty = {_norm(x) for x in rules.get("filter_empty", [])}
@@ -119,6 +146,8 @@ class FrameInfo:
     camera: str
     shape: tuple[int, int]  # (rows, columns)
     size: int
+    egain: float | None = None  # e-/ADU: the header's where plausible, else the registry's
+    rdnoise: float | None = None  # e-: likewise
 
     @property
     def when(self) -> datetime:
@@ -141,10 +170,57 @@ def _parse_date(value, source: str) -> datetime:
     return t.to_datetime(timezone.utc).replace(tzinfo=None)
 
 
-def frame_info(header: fits.Header, url: str, size: int, expected_shape: tuple[int, int] | None = None) -> FrameInfo:
-    """Check a raw header and describe the frame. Bad frames raise BadInputError with the reason."""
+def classify_untyped(h: fits.Header, source: str) -> str:
+    """IMAGETYP of a frame whose software wrote none (some MaxIm, SBIG and Andor setups):
+
+    1. an OBJECT that names a calibration (``bias``, ``zero``, ``dark``, ``flat``, ``skyflat``...,
+       as header_rules.yaml's ``imagetyp`` lists them, or starting with one: ``flat_R``) is that;
+    2. else an exposure of 0 s is a BIAS;
+    3. else a frame with an OBJECT is a LIGHT;
+    4. else it cannot be told (a dark and an unnamed light look alike): BadInputError.
+    """
+    obj = str(h.get("OBJECT", "") or "").strip()
+    words = obj.lower().replace("-", "_").replace(" ", "_").split("_")
+    for candidate in (obj, words[0] if words else ""):
+        kind = normalise_imagetyp(candidate) if candidate else None
+        if kind in ("BIAS", "DARK", "FLAT"):
+            return kind
+    try:
+        if float(h.get("EXPTIME", -1)) == 0:
+            return "BIAS"
+    except (TypeError, ValueError):
+        pass
+    if obj:
+        return "LIGHT"
+    raise BadInputError("header has no IMAGETYP and no OBJECT to tell the frame's type from", path=source)
+
+
+def _header_or_registry(h: fits.Header, key: str, default: float | None) -> float | None:
+    value = h.get(key)
+    return float(value) if plausible_gain(value) or (key == "RDNOISE" and _positive(value)) else default
+
+
+def _positive(value) -> bool:
+    try:
+        return 0.0 < float(value) < 1000.0
+    except (TypeError, ValueError):
+        return False
+
+
+def frame_info(header: fits.Header, url: str, size: int, expected_shape: tuple[int, int] | None = None,
+               site: config.Site | None = None) -> FrameInfo:
+    """Check a raw header and describe the frame. Bad frames raise BadInputError with the reason.
+
+    ``site`` is the registry row of the observatory whose night folder holds the frame. At a site
+    that is not TCSpy's (``header_dialect`` other than ``tcspy``: MaxIm DL, SBIG, Andor, FLI,
+    KMTNet) the folder says which site took the frame (TELESCOP there is free text), a missing
+    IMAGETYP is told from OBJECT and exposure (:func:`classify_untyped`), and GAIN is e-/ADU.
+    """
     name = url.rstrip("/").rsplit("/", 1)[-1]
-    h = normalise(header, url)
+    foreign = site is not None and site.header_dialect != "tcspy"
+    h = normalise(header, url, site=site.obs if site is not None else None)
+    if foreign and "IMAGETYP" not in h:
+        h["IMAGETYP"] = (classify_untyped(h, url), "told from OBJECT/EXPTIME (no IMAGETYP)")
     for key in ("IMAGETYP", "DATE-OBS"):
         if key not in h:
             raise BadInputError(f"header has no {key}", path=url)
@@ -200,6 +276,11 @@ def frame_info(header: fits.Header, url: str, size: int, expected_shape: tuple[i
         obj = obj or from_name.object
     mjd = float(h["MJD"]) if "MJD" in h else Time(when).mjd
     gain = h.get("GAIN")
+    egain = rdnoise = None
+    if foreign:
+        unit, gain = site.obs, None  # the site's GAIN is e-/ADU, not a camera setting to group by
+        egain = _header_or_registry(h, "EGAIN", site.instrument.gain)
+        rdnoise = _header_or_registry(h, "RDNOISE", site.instrument.rdnoise)
     return FrameInfo(
         url=url,
         name=name,
@@ -215,6 +296,8 @@ def frame_info(header: fits.Header, url: str, size: int, expected_shape: tuple[i
         camera=str(h.get("INSTRUME", "")).strip(),
         shape=shape,
         size=size,
+        egain=egain,
+        rdnoise=rdnoise,
     )
 
 

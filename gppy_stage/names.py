@@ -2,6 +2,7 @@
 
 Raw frame:   <UNIT>_<YYYYMMDD>_<HHMMSS>_<OBJECT>_<FILTER>_<XBIN>x<YBIN>_<EXPTIME>s_<NNNN>.fits
 Night:       <YYYY-MM-DD>_gain2750 | <YYYY-MM-DD>_ToO_gain2750 | <YYYY-MM-DD>_gain2750_ToO | ..._1x1
+             (IMSNG/GECKO sites: <YYYY>_<MMDD> | <YYYYMMDD> | <YYYY-MM-DD>, per registry row)
 Processed:   calib_<unit>_<field>_<YYYYMMDD>_<HHMMSS>_<filter>_<exptime>.fits
 
 OBJECT may itself contain ``_``, so raw names are split from both ends.
@@ -120,9 +121,23 @@ class NightName:
         return date.fromisoformat(self.date)
 
 
-def parse_night(folder: str) -> NightName:
-    """Parse a night folder name: ``2025-01-01_gain2750``, ``..._ToO``, ``..._1x1``, ``..._test``."""
+# How IMSNG/GECKO sites write a night folder (the registry's ``night_folder`` column): the date
+# alone, as gpPy found them; a ``_test`` or ``_ToO`` tail is accepted as on 7DT.
+_SITE_NIGHTS = {
+    "YYYY_MMDD": re.compile(r"^(?P<y>\d{4})_(?P<m>\d{2})(?P<d>\d{2})(?P<flags>(?:_(?:ToO|test))*)$"),
+    "YYYYMMDD": re.compile(r"^(?P<y>\d{4})(?P<m>\d{2})(?P<d>\d{2})(?P<flags>(?:_(?:ToO|test))*)$"),
+    "YYYY-MM-DD": re.compile(r"^(?P<y>\d{4})-(?P<m>\d{2})-(?P<d>\d{2})(?P<flags>(?:_(?:ToO|test))*)$"),
+}
+NIGHT_PATTERNS = ("YYYY-MM-DD_gain", *_SITE_NIGHTS)
+
+
+def parse_night(folder: str, pattern: str = "YYYY-MM-DD_gain") -> NightName:
+    """Parse a night folder name written the site's way (``pattern``, one of NIGHT_PATTERNS):
+    7DT's ``2025-01-01_gain2750``, ``..._ToO``, ``..._1x1``, ``..._test``; or ``2024_0229``,
+    ``20240229``, ``2024-02-29`` (IMSNG/GECKO)."""
     name = folder.rstrip("/").rsplit("/", 1)[-1]
+    if pattern != "YYYY-MM-DD_gain":
+        return _parse_site_night(name, folder, pattern)
     m = _NIGHT.match(name)
     if not m:
         raise BadInputError("not a night folder name (YYYY-MM-DD_gain2750[_ToO][_1x1])", path=folder)
@@ -141,6 +156,24 @@ def parse_night(folder: str) -> NightName:
         binning=binning,
         test=any(f.lower() == "test" for f in flags),
     )
+
+
+def _parse_site_night(name: str, folder: str, pattern: str) -> NightName:
+    regex = _SITE_NIGHTS.get(pattern)
+    if regex is None:
+        raise BadInputError(f"unknown night folder pattern {pattern!r} (known: {', '.join(NIGHT_PATTERNS)})",
+                            path=folder)
+    m = regex.match(name)
+    if not m:
+        raise BadInputError(f"not a night folder name ({pattern}[_ToO][_test])", path=folder)
+    day = f"{m.group('y')}-{m.group('m')}-{m.group('d')}"
+    try:
+        date.fromisoformat(day)
+    except ValueError:
+        raise BadInputError("night folder has an impossible date", path=folder) from None
+    flags = [f for f in m.group("flags").split("_") if f]
+    return NightName(folder=name, date=day, gain=None, too="ToO" in flags, binning=None,
+                     test="test" in flags)
 
 
 def night_date_of(date_obs: datetime) -> str:

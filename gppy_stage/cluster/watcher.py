@@ -344,7 +344,7 @@ def resubmit(root: str, unit: str, night: str, api, *, namespace: str = submissi
     now = time.time() if now is None else now
     config.instrument(unit)  # an operator's typo is a clear error, not an empty listing
     try:
-        name = parse_night(night)
+        name = parse_night(night, config.site(unit).night_folder)
     except BadInputError as exc:
         raise ConfigError(f"--resubmit {unit} {night}: {exc.reason}") from None
     objs = _listing(root, unit, night)

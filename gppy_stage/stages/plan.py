@@ -57,10 +57,11 @@ _log = log.get("plan")
 def night_folders(root: str, unit: str) -> list[NightName]:
     """Every night folder of a unit (regular, ToO, test), oldest first; on one date a ToO folder
     sorts before the regular night. Folders that are not night names are ignored."""
+    pattern = config.site(unit).night_folder
     nights = []
     for name in storage.list_prefixes(storage.join(root, "obsdata", unit)):
         try:
-            nights.append(parse_night(name))
+            nights.append(parse_night(name, pattern))
         except BadInputError:
             log.event(_log, "not a night folder; ignored", unit=unit, folder=name)
     return sorted(nights, key=lambda n: (n.date, 0 if n.too else 1, n.folder))
@@ -78,7 +79,8 @@ def latest_night(root: str, unit: str, now: datetime | None = None) -> str:
     """
     now = now or datetime.now(timezone.utc).replace(tzinfo=None)
     current = night_date_of(now)
-    done = [n for n in list_nights(root, unit) if parse_night(n).date < current]
+    pattern = config.site(unit).night_folder
+    done = [n for n in list_nights(root, unit) if parse_night(n, pattern).date < current]
     if not done:
         raise ConfigError(f"no complete night for {unit} under {storage.join(root, 'obsdata', unit)}")
     return done[-1]
@@ -221,14 +223,14 @@ def _calset_id(unit: str, night_date: str, binning: int, gain: int | None, camer
 
 def make_plan(root: str, unit: str, night: str) -> dict:
     """Build the plan of a night. Pure of writes: reads headers and the master library."""
-    config.instrument(unit)  # an unknown unit is a configuration error, said before any work
+    site = config.site(unit)  # an unknown unit is a configuration error, said before any work
     check_root(root, unit)
     if night not in storage.list_prefixes(storage.join(root, "obsdata", unit)):
         raise ConfigError(f"the root {root} has no night folder obsdata/{unit}/{night}/")
     cfg_masters = config.settings("masters")
     cfg_plan = config.settings("plan")
     min_frames = int(cfg_masters["min_frames"])
-    night_info = parse_night(night)
+    night_info = parse_night(night, site.night_folder)
     raw_prefix = f"obsdata/{unit}/{night}"
     objects = storage.list_objects(storage.join(root, raw_prefix))
     by_key = {o.key: o for o in objects}
@@ -244,7 +246,7 @@ def make_plan(root: str, unit: str, night: str) -> dict:
         try:
             try:
                 hdr, notes = _read_header(obj, by_key)
-                info = frame_info(hdr, obj.url, obj.size)
+                info = frame_info(hdr, obj.url, obj.size, site=site)
             except (ValueError, TypeError, KeyError) as exc:  # a header value that cannot be what it says
                 raise BadInputError(f"unreadable header ({type(exc).__name__}: {exc})", path=obj.url) from None
         except RetriableError:
@@ -347,11 +349,15 @@ def make_plan(root: str, unit: str, night: str) -> dict:
             log.event(_log, "quarantined", file=raw, reason=record["reason"])
             continue
         field = safe_name(info.object)
+        stem = strip_fits_suffix(info.name)
         entry = {
-            "id": strip_fits_suffix(info.name), "raw": raw, "object": field, "filter": info.filter,
+            # other sites' file names are anything their software wrote (spaces, brackets)
+            "id": stem if site.header_dialect == "tcspy" else safe_name(stem), "raw": raw, "object": field, "filter": info.filter,
             "exptime": info.exptime, "date_obs": info.date_obs, "mjd": info.mjd, "binning": info.binning,
             "gain": info.gain, "camera": info.camera, "masters": masters,
         }
+        if info.egain is not None:
+            entry.update(egain=info.egain, rdnoise=info.rdnoise)
         if field != info.object:
             _warn(warnings, frame_notes[info.url], raw, f"OBJECT {info.object!r} is not a safe name: the field is {field!r}")
         name_args = (unit, field, info.when, info.filter, info.exptime)
