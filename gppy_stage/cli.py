@@ -232,6 +232,22 @@ def sim_check(
         raise typer.Exit(1)
 
 
+@app.command("train-realbogus")
+def train_realbogus(
+    seed: int = typer.Option(1, "--seed", help="Seed of the simulated training examples (seed + 1 validates)."),
+    out: Path = typer.Option(Path("gppy_stage/models/realbogus.joblib"), "--out",
+                             help="Model file to write; its card goes beside it as .json."),
+    n_real: int = typer.Option(6000, "--n-real", help="Real examples (point sources on sky and galaxies)."),
+    n_bogus: int = typer.Option(6000, "--n-bogus", help="Bogus examples, shared equally among their kinds."),
+):
+    """Train the real/bogus classifier of the detect stage on simulated labelled stamps."""
+    from .sim.bogus import train
+
+    command = f"gppy train-realbogus --seed {seed} --out {out} --n-real {n_real} --n-bogus {n_bogus}"
+    card = train(seed, n_real, n_bogus, out, command=command)
+    typer.echo(json.dumps(card, indent=1))
+
+
 @library_app.command("list")
 def library_list(
     root: str = typer.Option(..., "--root", help=ROOT_HELP),

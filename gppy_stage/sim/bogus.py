@@ -1,0 +1,211 @@
+"""Labelled candidate stamps for the real/bogus classifier: what a difference image shows.
+
+``examples(seed, n_real, n_bogus)`` draws stamps (difference, noise, mask, reference) the way
+the detect stage cuts them, each with its label (1 real, 0 bogus), its kind and its features
+(``science.realbogus.features``). Real: Moffat point sources from S/N 5 to 150 on the sky or on a
+galaxy (whose imperfect subtraction leaves a residual). Bogus: cosmic-ray residuals (dots and
+tracks), misaligned-star dipoles, saturated-star wings (core masked), hot pixels, bad columns,
+reference artefacts (a reference-only blob, faded; a hole in the reference, brightened).
+Seeing, sky noise, its correlation (a difference is partly convolved) and the candidate's
+centroid error vary from stamp to stamp. Only examples above the detection threshold (S/N 5) are kept, as only those become
+candidates. Pure in the seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..science.realbogus import FEATURES, features
+from . import model as simmodel
+from .render import add_moffat
+
+HALF = 15
+BOGUS_KINDS = ("cosmic", "dipole", "saturated", "hot_pixel", "bad_column", "ref_artefact")
+
+
+def _psf(shape, x, y, fwhm, beta, flux=1.0):
+    img = np.zeros(shape)
+    add_moffat(img, x, y, flux, simmodel.moffat_alpha(fwhm, beta), beta, radius=shape[0])
+    return img
+
+
+def _noise(rng, shape, corr):
+    from scipy.ndimage import gaussian_filter
+
+    e = rng.normal(size=shape)
+    if corr > 0.05:
+        e = gaussian_filter(e, corr, mode="wrap")
+        e /= e.std()
+    return e
+
+
+def _galaxy(rng, shape, c, fwhm, beta):
+    from .render import render_galaxy
+
+    img = np.zeros(shape)
+    off = rng.uniform(0, 3 * fwhm, 2) * rng.choice([-1, 1], 2)
+    render_galaxy(img, c + off[0], c + off[1], 1.0, rng.uniform(1.5, 8) * fwhm / 2, rng.uniform(0.7, 3),
+                  rng.uniform(0.3, 1), rng.uniform(0, 180), fwhm, beta)
+    return img
+
+
+def _one(rng, kind: str):
+    shape = (2 * HALF + 1,) * 2
+    c = float(HALF)
+    fwhm = rng.uniform(1.5, 6.0)
+    beta = rng.uniform(2.2, 4.5)
+    sigma = 10 ** rng.uniform(0, 2)
+    corr = rng.uniform(0, 0.8)
+    # the detected centroid is off the truth by up to a few tenths of a pixel
+    jx, jy = rng.normal(0, 0.25, 2)
+    dx, dy = rng.uniform(-0.5, 0.5, 2)
+    tx, ty = c + dx + jx, c + dy + jy
+    noise = np.full(shape, sigma)
+    mask = np.zeros(shape, bool)
+    signal = np.zeros(shape)
+    ref = np.zeros(shape)
+    sign = 1
+    psf_peak = 1.0 / (math.pi * (fwhm / 2) ** 2) * 0.7  # roughly a PSF's peak for flux 1
+    star_dist = math.exp(rng.uniform(math.log(3), math.log(60)))
+    flux_for = lambda snr: snr * sigma * math.sqrt(4 * math.pi * (fwhm * 0.4247) ** 2)  # noqa: E731
+    if kind == "real":
+        f = flux_for(10 ** rng.uniform(math.log10(5), math.log10(150)))
+        signal += _psf(shape, tx, ty, fwhm, beta, f)
+        if rng.random() < 0.6:  # on a galaxy
+            gal = _galaxy(rng, shape, c, fwhm, beta) * f * 10 ** rng.uniform(0, 2.5)
+            ref += gal
+            # the galaxy subtracted with a slightly wrong kernel
+            from scipy.ndimage import gaussian_filter
+
+            signal += rng.uniform(-0.03, 0.03) * (gaussian_filter(gal, rng.uniform(0.2, 0.8)) - gal) * 10
+        if rng.random() < 0.1:
+            star_dist = rng.uniform(1.5, 5) * fwhm / fwhm
+        if rng.random() < 0.05:  # a few masked pixels nearby
+            mask[rng.integers(0, shape[0], 3), rng.integers(0, shape[1], 3)] = True
+    elif kind == "cosmic":
+        amp = sigma * 10 ** rng.uniform(math.log10(5), 2.5)
+        npx = rng.integers(1, 5) if rng.random() < 0.6 else rng.integers(4, 12)
+        ang = rng.uniform(0, math.pi)
+        for k in range(npx):
+            px = int(round(tx + (k - npx / 2) * math.cos(ang) * (npx > 4)))
+            py = int(round(ty + (k - npx / 2) * math.sin(ang) * (npx > 4)))
+            if npx <= 4:
+                px, py = int(round(tx)) + rng.integers(-1, 2) * (k > 0), int(round(ty)) + rng.integers(-1, 2) * (k > 0)
+            signal[py % shape[0], px % shape[1]] += amp * rng.uniform(0.3, 1)
+        if rng.random() < 0.5:  # LA Cosmic caught part of it: the mask grows over some of its pixels
+            hit = signal > 0
+            mask |= hit & (rng.random(shape) < 0.5)
+        if rng.random() < 0.3:  # a cosmic ray in a frame, smeared by the stack's resampling
+            from scipy.ndimage import gaussian_filter
+
+            signal = gaussian_filter(signal, rng.uniform(0.3, 0.6))
+    elif kind == "dipole":
+        f = flux_for(10 ** rng.uniform(1.5, 3.5))
+        ref += _psf(shape, c, c, fwhm, beta, f)
+        shift = rng.uniform(0.05, 0.8) * fwhm * np.array([math.cos(a := rng.uniform(0, 2 * math.pi)), math.sin(a)])
+        signal += _psf(shape, c + shift[0], c + shift[1], fwhm, beta, f * rng.uniform(0.97, 1.03)) - ref
+        peak = np.unravel_index(np.argmax(signal), shape)
+        ty, tx = peak[0] + jy, peak[1] + jx
+        star_dist = math.hypot(tx - c, ty - c) / fwhm if rng.random() < 0.8 else star_dist
+    elif kind == "saturated":
+        sx, sy = c + rng.uniform(-8, 8), c + rng.uniform(-8, 8)
+        f = flux_for(10 ** rng.uniform(3, 4.5))
+        ref += _psf(shape, sx, sy, fwhm, beta, f)
+        other = _psf(shape, sx, sy, fwhm * rng.uniform(0.9, 1.1), beta * rng.uniform(0.85, 1.15), f)
+        signal += (other - ref) * rng.uniform(0.5, 1.5)
+        yy, xx = np.mgrid[: shape[0], : shape[1]]
+        mask |= (xx - sx) ** 2 + (yy - sy) ** 2 <= (rng.uniform(1, 3) * fwhm) ** 2
+        if rng.random() < 0.5:  # a bleed trail along the column
+            mask |= (np.abs(xx - sx) < 1) & (np.abs(yy - sy) < rng.uniform(3, 15))
+        cand = np.where(~mask, signal, -np.inf)
+        peak = np.unravel_index(np.argmax(cand), shape)
+        ty, tx = peak[0] + jy, peak[1] + jx
+        star_dist = math.hypot(tx - sx, ty - sy) / fwhm if rng.random() < 0.9 else star_dist
+    elif kind == "hot_pixel":
+        signal[int(round(ty)), int(round(tx))] += sigma * 10 ** rng.uniform(math.log10(5), 3)
+        if rng.random() < 0.3:
+            signal[int(round(ty)) + rng.integers(-1, 2), int(round(tx)) + rng.integers(-1, 2)] += sigma * rng.uniform(1, 5)
+    elif kind == "bad_column":
+        col = int(round(tx)) + rng.integers(-1, 2)
+        y0 = rng.integers(0, HALF) if rng.random() < 0.5 else 0
+        y1 = shape[0] if rng.random() < 0.6 else rng.integers(HALF + 1, shape[0])
+        width = 1 if rng.random() < 0.7 else 2
+        signal[y0:y1, col:col + width] += sigma * rng.uniform(1.5, 6)
+        if rng.random() < 0.3:
+            mask[y0:y1, col:col + width] |= rng.random((y1 - y0, width)) < 0.3
+    elif kind == "ref_artefact":
+        if rng.random() < 0.6:  # a reference-only blob (its own cosmic ray, a ghost), convolved: faded
+            f = flux_for(10 ** rng.uniform(math.log10(5), 2))
+            blob = _psf(shape, tx, ty, fwhm * rng.uniform(0.6, 1.5), beta, f)
+            ref += blob
+            signal -= blob
+            sign = -1
+        else:  # a hole in the reference (a dead patch, an oversubtracted halo): brightened, flat and sharp-edged
+            w = rng.integers(2, 6)
+            ix, iy = int(round(tx)), int(round(ty))
+            patch = np.zeros(shape)
+            patch[iy - w // 2: iy - w // 2 + w, ix - w // 2: ix - w // 2 + w] = sigma * rng.uniform(3, 20)
+            ref -= patch
+            signal += patch
+    else:
+        raise ValueError(f"unknown example kind {kind!r}")
+    sky_ref = 10 ** rng.uniform(1, 3)
+    ref = ref + sky_ref + rng.normal(size=shape) * math.sqrt(sky_ref)
+    diff = signal + sigma * _noise(rng, shape, corr)
+    # the candidate's own pixel offset, as the detect stage measures it
+    ix, iy = int(round(tx - jx)), int(round(ty - jy))
+    sh = (HALF - iy, HALF - ix)
+    diff, noise_s, mask_s, ref_s = (np.roll(a, sh, axis=(0, 1)) for a in (diff, noise, mask, ref))
+    return features(diff, noise_s, mask_s, ref_s, fwhm, tx - jx - ix, ty - jy - iy, sign, star_dist)
+
+
+def _detected(rng, kind: str, min_snr: float = 5.0, tries: int = 50) -> np.ndarray:
+    """An example the detect stage would have found: its PSF S/N above the threshold."""
+    for _ in range(tries):
+        f = _one(rng, kind)
+        if f[0] >= min_snr:
+            return f
+    return f
+
+
+def examples(seed: int, n_real: int, n_bogus: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features (n, len(FEATURES)), labels 1 real / 0 bogus, kinds): bogus kinds in equal shares."""
+    rng = np.random.default_rng(seed)
+    kinds = ["real"] * n_real + [BOGUS_KINDS[i % len(BOGUS_KINDS)] for i in range(n_bogus)]
+    X = np.array([_detected(rng, k) for k in kinds], float).reshape(len(kinds), len(FEATURES))
+    y = np.array([1 if k == "real" else 0 for k in kinds])
+    return X, y, np.array(kinds)
+
+
+def evaluate(y, p, keep_real: float = 0.95) -> dict:
+    """ROC AUC, the score threshold that keeps ``keep_real`` of the real ones, and the bogus
+    fraction that passes it."""
+    from sklearn.metrics import roc_auc_score
+
+    y, p = np.asarray(y), np.asarray(p, float)
+    thr = float(np.quantile(p[y == 1], 1 - keep_real))
+    return {"roc_auc": float(roc_auc_score(y, p)), "threshold": thr,
+            "bogus_pass": float(np.mean(p[y == 0] >= thr)), "real_pass": float(np.mean(p[y == 1] >= thr))}
+
+
+def train(seed: int, n_real: int, n_bogus: int, out, command: str = "") -> dict:
+    """Train the classifier on ``examples(seed, ...)``, judge it on ``examples(seed + 1, ...)``
+    (a quarter as many) and save it with its card (``science.realbogus.save_model``)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from ..science.realbogus import save_model
+
+    X, y, _ = examples(seed, n_real, n_bogus)
+    model = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.08, max_leaf_nodes=31,
+                                           l2_regularization=1.0, random_state=seed)
+    model.fit(X, y)
+    Xv, yv, kv = examples(seed + 1, max(n_real // 4, 1), max(n_bogus // 4, 1))
+    pv = model.predict_proba(Xv)[:, 1]
+    figures = evaluate(yv, pv)
+    figures["bogus_pass_by_kind"] = {k: float(np.mean(pv[kv == k] >= figures["threshold"])) for k in BOGUS_KINDS}
+    card = {"command": command, "train_seed": seed, "validation_seed": seed + 1, "n_real": n_real,
+            "n_bogus": n_bogus, "n_validation": int(len(yv)), "validation": figures}
+    save_model(model, out, card)
+    return card
