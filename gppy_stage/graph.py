@@ -64,6 +64,7 @@ class Stage:
         return getattr(importlib.import_module(module), func)
 
 
+# memory: each stage's full-size peak (make bench-full, README "Full-size figures") is at most 70 % of it
 STAGES: tuple[Stage, ...] = (
     Stage(
         name="plan",
@@ -71,7 +72,7 @@ STAGES: tuple[Stage, ...] = (
         needs=(),
         entry="gppy_stage.stages.plan:run",
         help="Read the night's headers, classify frames, group calibration sets and stacks, write plan.json.",
-        memory="1Gi",
+        memory="512Mi",
     ),
     Stage(
         name="masters",
@@ -81,7 +82,7 @@ STAGES: tuple[Stage, ...] = (
         help="Combine one calibration set into master bias, darks and flats; add them to the master library.",
         gpu=True,
         cpu="2",
-        memory="6Gi",
+        memory="3584Mi",
     ),
     Stage(
         name="reduce",
@@ -91,7 +92,7 @@ STAGES: tuple[Stage, ...] = (
         help="Bias, dark and flat correct one science frame, mask it and remove cosmic rays.",
         gpu=True,
         cpu="2",
-        memory="6Gi",
+        memory="4608Mi",
     ),
     Stage(
         name="astrometry",
@@ -118,7 +119,7 @@ STAGES: tuple[Stage, ...] = (
         entry="gppy_stage.stages.stack:run",
         help="SWarp one stack group's frames onto a common grid and zero point, then measure the stack.",
         cpu="2",
-        memory="8Gi",
+        memory="5Gi",
     ),
     Stage(
         name="subtract",
@@ -128,7 +129,7 @@ STAGES: tuple[Stage, ...] = (
         help="Resample the reference frame onto the stack and subtract it (native engine, or HOTPANTS).",
         gpu=True,
         cpu="2",
-        memory="12Gi",
+        memory="4608Mi",
     ),
     Stage(
         name="detect",
@@ -137,7 +138,7 @@ STAGES: tuple[Stage, ...] = (
         entry="gppy_stage.stages.detect:run",
         help="Find, flag and score transient candidates on the difference image; write regions and stamps.",
         cpu="2",
-        memory="8Gi",
+        memory="3Gi",
     ),
     Stage(
         name="curate",
@@ -145,7 +146,7 @@ STAGES: tuple[Stage, ...] = (
         needs=("detect",),
         entry="gppy_stage.stages.curate:run",
         help="Collect the night's products, write header snapshots and the night report (JSON and Markdown).",
-        memory="1Gi",
+        memory="512Mi",
     ),
     Stage(
         name="notify",
@@ -153,7 +154,7 @@ STAGES: tuple[Stage, ...] = (
         needs=(),
         entry="gppy_stage.stages.notify:run",
         help="Post the night's outcome to Slack (the workflow's exit handler: it runs on failure too).",
-        memory="512Mi",
+        memory="256Mi",
         exit_handler=True,
         extra_args=("--status",),
     ),
