@@ -147,7 +147,7 @@ def build(data: dict, *, top_candidates: int = 10, products: list[str] | None = 
         for c in det_res.get("top", []):
             candidates.append({"stack": s["id"], "filter": s["filter"], **c})
         stacks.append(entry)
-    candidates.sort(key=lambda c: -(c.get("score") or 0))
+    candidates.sort(key=lambda c: -(c.get("rb_score", c.get("score")) or 0))
     done = [f for f in frames if f["status"] == "done"]
     depths = [f["depth"] for f in done if f["depth"] is not None]
     seeing = [f["seeing"] for f in done if f["seeing"] is not None]
@@ -217,10 +217,13 @@ def markdown(report: dict) -> str:
             lines.append(f"|  left out: {note['frame']} | | {note['reason']} | | | | | |")
     lines += ["", "## Candidates (passing, best first)", ""]
     if report["candidates"]:
-        lines += ["| stack | id | RA | Dec | mag | S/N | score |", "|---|---|---|---|---|---|---|"]
+        lines += ["| stack | id | RA | Dec | mag | S/N | score | real/bogus | host offset \" | host offset / light radius "
+                  "| host mag |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for cand in report["candidates"]:
             lines.append(f"| {cand['stack']} | {cand['id']} | {_fmt(cand['ra'], 6)} | {_fmt(cand['dec'], 6)} | "
-                         f"{_fmt(cand['mag'], 2)} | {_fmt(cand['snr'], 1)} | {_fmt(cand['score'], 2)} |")
+                         f"{_fmt(cand['mag'], 2)} | {_fmt(cand['snr'], 1)} | {_fmt(cand['score'], 2)} | "
+                         f"{_fmt(cand.get('rb_score'), 2)} | {_fmt(cand.get('host_sep'), 2)} | "
+                         f"{_fmt(cand.get('host_dlr'), 2)} | {_fmt(cand.get('host_mag'), 2)} |")
     else:
         lines.append("none")
     lines += ["", "## Failures and flags", ""]

@@ -176,3 +176,19 @@ def save_model(model, path: str | Path, card: dict) -> None:
     joblib.dump(model, path, compress=3)
     card = {"sklearn": sklearn.__version__, "features": list(FEATURES)} | card
     path.with_suffix(".json").write_text(json.dumps(card, indent=1) + "\n")
+
+
+def score_candidates(table, diff, noise, mask, ref, fwhm: float, star_xy=None, model=None, half: int = 15):
+    """``rb_score`` of every candidate of a table (x, y, negative) on full images; ``star_xy``:
+    (x, y) arrays of the reference catalogue's stars on the same grid, for ``star_dist``."""
+    from gppy_stage.science.detect import _nearest
+
+    if len(table) == 0:
+        return np.zeros(0)
+    dist = None
+    if star_xy is not None:
+        d, _ = _nearest(np.asarray(table["x"], float), np.asarray(table["y"], float),
+                        np.asarray(star_xy[0], float), np.asarray(star_xy[1], float), STAR_DIST_CAP * fwhm)
+        dist = d / fwhm
+    X = candidate_features(table, diff, noise, mask, ref, fwhm, dist, half=half)
+    return score(model if model is not None else load_model(), X)

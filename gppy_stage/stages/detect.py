@@ -9,7 +9,10 @@ stays put. Nothing is subtracted again here; the frames were measured once, by p
 
 Products beside the stack: ``<stem>.cand.ecsv`` (every candidate: ra, dec, mag, magerr, snr,
 flags, score and the flag columns), ``<stem>.cand.reg`` (DS9) and ``<stem>.stamps/cand_<id>.png``
-for the candidates that pass (score >= ``min_score`` and no flag outside ``pass_flags``).
+for the candidates that pass: the trained real/bogus probability ``rb_score``
+(``science.realbogus``) at least ``rb_threshold`` and no flag outside ``pass_flags``. Each candidate
+carries its host in the reference (``science.host``: ``host_ra``, ``host_dec``, ``host_sep`` arcsec,
+``host_dlr`` offset in directional light radii, ``host_mag``, ``host_rh`` arcsec).
 Images are memory-mapped: the stack and the reference are only cut out for stamps.
 """
 
@@ -57,11 +60,29 @@ def reference_catalogue(root: str, field: str, when) -> Table | None:
     return Table({"ra": np.asarray(table["ra"], float), "dec": np.asarray(table["dec"], float)})
 
 
-def passing(table: Table, min_score: float, pass_flags: int) -> np.ndarray:
+def passing(table: Table, rb_threshold: float, pass_flags: int) -> np.ndarray:
     if len(table) == 0:
         return np.zeros(0, bool)
     flags = np.asarray(table["flags"], int)
-    return (np.asarray(table["score"], float) >= min_score) & ((flags & ~int(pass_flags)) == 0)
+    return (np.asarray(table["rb_score"], float) >= rb_threshold) & ((flags & ~int(pass_flags)) == 0)
+
+
+def add_realbogus_and_hosts(t: Table, img: dict, fwhm: float, wcs, refcat, pixscale: float, zp: float) -> None:
+    """``rb_score`` and the host columns, in place, from the stamps of the images in ``img``."""
+    from ..science import host, realbogus
+
+    stars = wcs.world_to_pixel_values(np.asarray(refcat["ra"]), np.asarray(refcat["dec"])) if refcat is not None else None
+    t["rb_score"] = realbogus.score_candidates(t, img["diff"][0], img["noise"][0], img["mask"][0], img["ref"][0],
+                                               fwhm, star_xy=stars)
+    h = host.associate(img["ref"][0], t["x"], t["y"], fwhm=fwhm, pixel_scale=pixscale,
+                       zp=float(img["ref"][1].get("ZP", zp)))
+    found = np.asarray(h["host_x"]) >= 0
+    hra, hdec = (wcs.pixel_to_world_values(np.asarray(h["host_x"]), np.asarray(h["host_y"])) if len(t)
+                 else (np.zeros(0), np.zeros(0)))
+    t["host_ra"] = np.where(found, hra, np.nan)
+    t["host_dec"] = np.where(found, hdec, np.nan)
+    for col in ("host_sep", "host_dlr", "host_mag", "host_rh"):
+        t[col] = np.asarray(h[col], float)
 
 
 def frame_catalogues(ctx: Night, frame_ids: list[str], threshold: float) -> tuple[list[Table], list[str], list[dict]]:
@@ -158,12 +179,14 @@ def run(ctx: Night, stack: str) -> dict:
         t = detect_candidates(img["diff"][0], img["noise"][0], img["mask"][0], fwhm=fwhm, wcs=wcs, zp=zp,
                               threshold=float(cfg["threshold"]), minarea=int(cfg["minarea"]), ref_catalog=refcat,
                               frame_detections=frame_cats or None, aper_radius=aper_radius, aper_corr=aper_corr)
-        ok = passing(t, float(cfg["min_score"]), int(cfg["pass_flags"]))
+        add_realbogus_and_hosts(t, img, fwhm, wcs, refcat, pixscale, zp)
+        ok = passing(t, float(cfg["rb_threshold"]), int(cfg["pass_flags"]))
         stamps = candidate_stamps(img["new"][0], img["ref"][0], img["diff"][0], t[ok], half=int(cfg["stamp_half"]),
                                   noise=img["noise"][0], max_stamps=int(cfg["max_stamps"]))
     t["pass"] = ok
     t.meta.update({"STACK": storage.basename(entry["output"]), "DIFF": storage.basename(keys["diff"]),
                    "FWHM_PX": fwhm, "THRESH": float(cfg["threshold"]), "MINSCORE": float(cfg["min_score"]),
+                   "RBTHRESH": float(cfg["rb_threshold"]),
                    "MOVING": "catalogues" if frame_cats else "none", "NFRAMES": len(frame_cats),
                    "APER_PX": aper_radius, "APERCORR": aper_corr})
     buf = io.StringIO()
@@ -174,7 +197,7 @@ def run(ctx: Night, stack: str) -> dict:
         storage.put_bytes(ctx.url(ckeys["stamps"], f"cand_{cid:04d}.png"), png)
     storage.put_bytes(ctx.url(ckeys["regions"]), region_text(t, good_score=float(cfg["min_score"])).encode())
     storage.put_bytes(table_url, buf.getvalue().encode())
-    order = np.argsort(-np.asarray(t["score"], float)) if len(t) else []
+    order = np.argsort(-np.asarray(t["rb_score"], float)) if len(t) else []
     top = [_row(t[i]) for i in order if ok[i]][: int(settings("notify").get("top_candidates", 5)) * 2]
     for row in top:
         if row["id"] in stamps:
@@ -193,4 +216,6 @@ def _row(r) -> dict:
         return round(v, nd) if math.isfinite(v) else None
 
     return {"id": int(r["id"]), "ra": num(r["ra"], 6), "dec": num(r["dec"], 6), "mag": num(r["mag"], 3),
-            "magerr": num(r["magerr"], 3), "snr": num(r["snr"], 1), "score": num(r["score"], 3), "flags": int(r["flags"])}
+            "magerr": num(r["magerr"], 3), "snr": num(r["snr"], 1), "score": num(r["score"], 3), "flags": int(r["flags"]),
+            "rb_score": num(r["rb_score"], 3), "host_sep": num(r["host_sep"], 2), "host_dlr": num(r["host_dlr"], 2),
+            "host_mag": num(r["host_mag"], 2)}

@@ -59,7 +59,11 @@ def finish_message(ctx: Night, rep: dict | None, status: str | None, why_no_repo
     lines.append(f"candidates: {c['candidates_pass']} passing of {c['candidates']}")
     for cand in rep.get("candidates", [])[:top]:
         lines.append(f"  - {cand['stack']} #{cand['id']}: RA {_fmt(cand['ra'], 5)} Dec {_fmt(cand['dec'], 5)} "
-                     f"mag {_fmt(cand['mag'])} S/N {_fmt(cand['snr'], 1)} score {_fmt(cand['score'])}")
+                     f"mag {_fmt(cand['mag'])} S/N {_fmt(cand['snr'], 1)} score {_fmt(cand['score'])}"
+                     f" real/bogus {_fmt(cand.get('rb_score'))}"
+                     + (f" host {_fmt(cand['host_sep'], 1)}\" ({_fmt(cand.get('host_dlr'))} light radii, mag "
+                        f"{_fmt(cand.get('host_mag'))})" if cand.get("host_sep") is not None else " no host")
+                     + (f" stamp {ctx.url(cand['stamp'])}" if cand.get("stamp") else ""))
     for f in rep.get("failures", [])[:top]:
         lines.append(f"  ! {f.get('stage')} {f.get('item') or f.get('file') or ''}: {f.get('reason')}")
     if len(rep.get("failures", [])) > top:
