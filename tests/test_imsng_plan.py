@@ -238,3 +238,13 @@ def test_real_frames_of_other_telescopes_classified_or_one_line(tmp_path, real_d
         assert len(said) + len(planned) == 1, (name, plan)
         for q in said:
             assert "\n" not in q["reason"] and q["reason"], q
+
+
+def test_watcher_sees_site_night_folders(tmp_path):
+    from gppy_stage.cluster.watcher import candidate_nights
+
+    root = tmp_path / "root"
+    for folder in ("2024_0228", "2024_0229", "2024-03-01_gain2750", "misc"):
+        (root / "obsdata" / "LOAO" / folder).mkdir(parents=True)
+        (root / "obsdata" / "LOAO" / folder / "a.fits").write_bytes(b"")
+    assert [n.folder for n in candidate_nights(str(root), "LOAO")] == ["2024_0228", "2024_0229"]
