@@ -67,9 +67,11 @@ def _one(rng, kind: str):
     signal = np.zeros(shape)
     ref = np.zeros(shape)
     sign = 1
-    psf_peak = 1.0 / (math.pi * (fwhm / 2) ** 2) * 0.7  # roughly a PSF's peak for flux 1
     star_dist = math.exp(rng.uniform(math.log(3), math.log(60)))
-    flux_for = lambda snr: snr * sigma * math.sqrt(4 * math.pi * (fwhm * 0.4247) ** 2)  # noqa: E731
+
+    def flux_for(snr):  # the flux a Gaussian PSF of this FWHM needs for that S/N on this sky
+        return snr * sigma * math.sqrt(4 * math.pi * (fwhm * 0.4247) ** 2)
+
     if kind == "real":
         f = flux_for(10 ** rng.uniform(math.log10(5), math.log10(150)))
         signal += _psf(shape, tx, ty, fwhm, beta, f)
@@ -81,7 +83,7 @@ def _one(rng, kind: str):
 
             signal += rng.uniform(-0.03, 0.03) * (gaussian_filter(gal, rng.uniform(0.2, 0.8)) - gal) * 10
         if rng.random() < 0.1:
-            star_dist = rng.uniform(1.5, 5) * fwhm / fwhm
+            star_dist = rng.uniform(1.5, 5)  # a real source beside a star
         if rng.random() < 0.05:  # a few masked pixels nearby
             mask[rng.integers(0, shape[0], 3), rng.integers(0, shape[1], 3)] = True
     elif kind == "cosmic":
