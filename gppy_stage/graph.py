@@ -129,7 +129,7 @@ STAGES: tuple[Stage, ...] = (
         help="Resample the reference frame onto the stack and subtract it (native engine, or HOTPANTS).",
         gpu=True,
         cpu="2",
-        memory="4608Mi",
+        memory="5632Mi",
     ),
     Stage(
         name="detect",
