@@ -218,7 +218,7 @@ from astropy.io import fits
 raw, zero, calib, conf = sys.argv[1:5]
 cfg = yaml.safe_load(open(conf))["reduce"]["cosmic_rays"]
 hd = fits.getheader(calib)
-with fits.open(raw, memmap=True) as r, fits.open(zero, memmap=True) as z:
+with fits.open(raw) as r, fits.open(zero) as z:  # raw is uint16 with BZERO: no memory map
     data = np.asarray(r[0].data, np.float32) - np.asarray(z[0].data, np.float32)
 astroscrappy.detect_cosmics(data, gain=float(hd.get("EGAIN", 1.0)), readnoise=float(hd.get("RDNOISE", 3.0)),
     satlevel=float(hd.get("SATURATE", 65535.0)), sigclip=cfg["sigclip"], sigfrac=cfg["sigfrac"], objlim=cfg["objlim"],
@@ -406,7 +406,11 @@ def main(argv=None) -> int:
             yard["astroscrappy"] = []
             for f in _entries(root, night, "frames"):
                 with locked():
-                    yard["astroscrappy"].append(astroscrappy_alone(root, f, logdir))
+                    got = astroscrappy_alone(root, f, logdir)
+                if got["rc"] == 0:
+                    yard["astroscrappy"].append(got)
+                else:
+                    print(f"  (astroscrappy alone failed: see {logdir / 'astroscrappy.log'})")
         if not args.no_yardsticks and stage.name == "subtract" and "hotpants" in shims:
             yard["hotpants"] = []
             for e in _entries(root, night, "stacks"):
