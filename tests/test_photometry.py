@@ -133,7 +133,8 @@ def _night(tmp_path, frames, refcat_bytes):
                         "exptime": 100.0, "date_obs": header["DATE-OBS"], "output": key})
     run = root / "runs/7DT01/2025-01-01_gain2750"
     run.mkdir(parents=True)
-    (run / "plan.json").write_text(json.dumps({"schema": PLAN_SCHEMA, "frames": entries, "calsets": [], "stacks": []}))
+    (run / "plan.json").write_text(json.dumps({"schema": PLAN_SCHEMA, "frames": entries, "calsets": [], "stacks": [],
+                                                  "quarantine": []}))
     if refcat_bytes is not None:
         (root / "ref_cat").mkdir()
         (root / "ref_cat/gaiaxp_dr3_synphot_T10779.csv").write_bytes(refcat_bytes)
