@@ -49,8 +49,11 @@ install-runtime: deps-debian
 install: deps-debian-test
 	$(PIP) install -q --disable-pip-version-check -e ".[test]"
 
+# both cores: the full-size tests are minutes each; loadfile keeps a module's tests (and the
+# full-size night they share) on one worker
+PYTEST_WORKERS ?= 2
 test: install
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow and not container" $(PYTEST_ARGS)

@@ -103,11 +103,18 @@ def _tree_rss(root_pid: int) -> int:
 def measure(cmd: list[str], env: dict | None = None, log: Path | None = None) -> dict:
     """Run ``cmd``; its exit code, wall seconds and peak memory (bytes; see the module docstring)."""
     out = open(log, "wb") if log else subprocess.DEVNULL
+    # A child spawned from this process inherits its high-water mark (vfork shares our memory
+    # until exec), so its own ru_maxrss never reads below ours: GNU time, small itself, spawns the
+    # command and reports the command's true peak.
+    gnu_time = Path("/usr/bin/time")
+    maxrss_file = Path(tempfile.mkstemp(prefix="gppy-bench-maxrss-")[1])
+    if gnu_time.is_file():
+        cmd = [str(gnu_time), "-o", str(maxrss_file), "-f", "%M", *cmd]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     peak = 0
     while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
         peak = max(peak, _tree_rss(proc.pid))
@@ -116,8 +123,11 @@ def measure(cmd: list[str], env: dict | None = None, log: Path | None = None) ->
     proc.returncode = os.waitstatus_to_exitcode(status)
     if log:
         out.close()
-    return {"rc": proc.returncode, "wall_s": round(wall, 2), "peak_bytes": max(peak, usage.ru_maxrss * 1024),
-            "maxrss_bytes": usage.ru_maxrss * 1024}
+    text = maxrss_file.read_text().split()
+    maxrss_file.unlink()
+    maxrss = int(text[-1]) * 1024 if text and text[-1].isdigit() else 0
+    return {"rc": proc.returncode, "wall_s": round(wall, 2), "peak_bytes": max(peak, maxrss),
+            "maxrss_bytes": maxrss}
 
 
 # ----------------------------------------------------------------------------- tool shims
