@@ -18,7 +18,7 @@ compile() {
     env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT -u PIP_NO_INDEX \
         PIP_CONFIG_FILE=/dev/null CUSTOM_COMPILE_COMMAND="images/lock.sh" \
         pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
-        --no-emit-index-url --no-emit-find-links --index-url https://pypi.org/simple \
+        --no-emit-index-url --no-emit-find-links \
         "$@" -o "$out" pyproject.toml images/build-requirements.in
 }
 compile images/requirements.lock --extra cluster
