@@ -90,3 +90,23 @@ def test_refcat_name_of_a_hostile_object_stays_a_file_name():
     assert refcat.refcat_name("T10779") == "gaiaxp_dr3_synphot_T10779.csv"
     name = refcat.refcat_name("../../etc/passwd")
     assert "/" not in name and ".." not in name
+
+
+def test_each_site_finds_its_catalogue_by_preference():
+    # a northern site takes PS1 when the field has one, else falls back down its list
+    stored = {"ref_cat/ps1_dr1_M101.csv", "ref_cat/gaiaxp_dr3_synphot_M101.csv", "ref_cat/apass_dr9_NGC300.csv"}
+    assert refcat.locate("LOAO", "M101", stored.__contains__) == ("ref_cat/ps1_dr1_M101.csv", "ps1")
+    assert refcat.locate("RASA36", "NGC300", stored.__contains__) == ("ref_cat/apass_dr9_NGC300.csv", "apass")
+    assert refcat.locate("7DT01", "M101", stored.__contains__) == ("ref_cat/gaiaxp_dr3_synphot_M101.csv", "gaiaxp")
+    assert refcat.locate("7DT01", "NGC300", stored.__contains__) is None
+    assert refcat.site_kinds("KCT")[0] == "skymapper"
+
+
+def test_apass_and_skymapper_files_as_published_in_refcat_columns():
+    apass = ("RAJ2000,DEJ2000,recno,Bmag,e_Bmag,Vmag,e_Vmag,g'mag,e_g'mag,r'mag,e_r'mag,i'mag,e_i'mag\n"
+             "10.0,-30.0,1,15.0,0.02,14.5,0.02,14.7,0.02,14.3,0.02,14.2,0.03\n").encode()
+    t = refcat.read_refcat(apass, kind="apass", name="ref_cat/apass_dr9_NGC300.csv")
+    assert t["mag_B"][0] == pytest.approx(14.91) and t["mag_g"][0] == pytest.approx(14.7)
+    sm = b"raj2000,dej2000,object_id,g_psf,e_g_psf,r_psf,e_r_psf\n10.0,-30.0,7,15.1,0.01,14.6,0.01\n"
+    t = refcat.read_refcat(sm, kind="skymapper")
+    assert refcat.bands(t) == ["g", "r"] and t["magerr_r"][0] == pytest.approx(0.01)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from astropy.table import Table
@@ -30,7 +30,7 @@ VEGA_TO_AB = {"U": 0.79, "B": -0.09, "V": 0.02, "R": 0.21, "I": 0.45, "J": 0.91,
 
 def refcat_name(obj: str) -> str:
     """The 7DT reference catalogue name of a field: ``gaiaxp_dr3_synphot_<OBJECT>.csv``."""
-    return f"gaiaxp_dr3_synphot_{safe_name(obj)}.csv"
+    return refcat_file("gaiaxp", obj)
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,7 +39,36 @@ def _column_maps(folder: str) -> dict[str, Any]:
 
 
 def column_maps() -> dict[str, Any]:
-    return _column_maps(str(config.config_dir()))
+    """The catalogue kinds of config/refcat_columns.yaml (its ``sites`` table left out)."""
+    return {k: v for k, v in _column_maps(str(config.config_dir())).items() if k != "sites"}
+
+
+def site_kinds(obs: str) -> list[str]:
+    """The catalogue kinds a site uses, in order of preference (``sites`` in refcat_columns.yaml)."""
+    sites = _column_maps(str(config.config_dir())).get("sites") or {}
+    kinds = list(sites.get(obs) or sites.get("default") or ["gaiaxp"])
+    unknown = [k for k in kinds if k not in column_maps()]
+    if unknown:
+        raise ConfigError(f"refcat_columns.yaml: site {obs} names unknown catalogue kind(s) {', '.join(unknown)}")
+    return kinds
+
+
+def refcat_file(kind: str, obj: str) -> str:
+    """The file name of a field's catalogue of one kind, e.g. ``ps1_dr1_M101.csv``."""
+    spec = column_maps().get(kind)
+    if spec is None or "file_pattern" not in spec:
+        raise ConfigError(f"refcat_columns.yaml: catalogue kind {kind!r} has no file_pattern")
+    return spec["file_pattern"].format(object=safe_name(obj))
+
+
+def locate(obs: str, obj: str, exists: Callable[[str], bool]) -> tuple[str, str] | None:
+    """(key under the root, kind) of the first catalogue of the site's kinds that ``exists``
+    for the field, or None. Keys are ``ref_cat/<file>``."""
+    for kind in site_kinds(obs):
+        key = f"ref_cat/{refcat_file(kind, obj)}"
+        if exists(key):
+            return key, kind
+    return None
 
 
 def _read_table(source: str | Path | bytes, name: str) -> Table:
