@@ -142,6 +142,8 @@ def standardize(raw: Table, kind: str, *, name: str = "") -> Table:
     out.meta["REFCAT"] = Path(name).name if name else spec.get("name", kind)
     out.meta["REFKIND"] = kind
     out.meta["EPOCH"] = float(spec.get("epoch", 2000.0))
+    # how B V R I follow from this catalogue's bands (science/transforms.py), where it says
+    out.meta["TRANSFORM"] = spec.get("transform") or ""
     return out
 
 
