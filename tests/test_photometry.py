@@ -177,3 +177,93 @@ def test_stage_without_reference_catalogue_is_bad_input(tmp_path):
     root, ctx = _night(tmp_path, [(data, h, None, var, truth)], None)
     with pytest.raises(BadInputError, match="no reference catalogue"):
         st_phot.run(ctx, "f0")
+
+
+# ----------------------------------------------------------------------------- IMSNG/GECKO frames
+
+# The published transformations written out again here, independently of science/transforms.py:
+# (catalogue band the JC band starts from, colour, A0 A1 A2, published rms); Vega -> AB from
+# Blanton & Roweis (2007). The simulated catalogue is drawn from them with their scatter.
+_PUBLISHED = {
+    ("tonry2012", "B"): ("g", "gr", (0.212, 0.556, 0.034), 0.032),
+    ("tonry2012", "V"): ("r", "gr", (0.005, 0.462, 0.013), 0.012),
+    ("tonry2012", "R"): ("r", "gr", (-0.137, -0.108, -0.029), 0.015),
+    ("tonry2012", "I"): ("i", "gr", (-0.366, -0.136, -0.018), 0.017),
+    ("lupton2005", "R"): ("r", "ri", (-0.1439, -0.2936, 0.0), 0.0072),
+    ("lupton2005", "I"): ("r", "ri", (-0.3820, -1.2444, 0.0), 0.0078),
+}
+_VEGA_TO_AB = {"B": -0.09, "V": 0.02, "R": 0.21, "I": 0.45}
+_COLUMNS = {"ps1": ("raMean", "decMean", "{b}MeanPSFMag", "{b}MeanPSFMagErr"),
+            "sdss": ("RA_ICRS", "DE_ICRS", "{b}mag", "e_{b}mag")}
+
+
+def _imsng_catalogue(truth, band, kind, seed):
+    """A PS1- or SDSS-column catalogue (CSV bytes) of the frame's stars whose g r i give their true
+    AB magnitude in ``band`` through the published relation, with its scatter; a fifth of the
+    stars are M dwarfs, redder than the colour range, where the relation is off by 0.3 mag."""
+    rng = np.random.default_rng(seed)
+    stars, n = truth["stars"], len(truth["stars"])
+    gr = rng.uniform(0.0, 1.3, n)
+    red = rng.random(n) < 0.2
+    gr[red] = rng.uniform(1.5, 1.9, red.sum())
+    ri = 0.45 * gr + rng.normal(0, 0.03, n)
+    ri[red] += 0.8  # M dwarfs: r - i well past the range too
+    true = np.asarray(stars["mag"], float)
+    if band in "gri":
+        r = {"g": true - gr, "r": true, "i": true + ri}[band] + rng.normal(0, 0.01, n)
+        mags = {"g": r + gr, "r": r, "i": r - ri}
+    else:
+        base_band, colour, (a0, a1, a2), rms = _PUBLISHED[({"ps1": "tonry2012", "sdss": "lupton2005"}[kind], band)]
+        x = gr if colour == "gr" else ri
+        vega = true - _VEGA_TO_AB[band] + rng.normal(0, rms, n) + np.where(red, 0.3, 0.0)
+        base = vega - (a0 + a1 * x + a2 * x * x)
+        r = {"g": base - gr, "r": base, "i": base + ri}[base_band]
+        mags = {"g": r + gr, "r": r, "i": r - ri}
+    ra, dec, mcol, ecol = _COLUMNS[kind]
+    t = Table({ra: stars["ra"], dec: stars["dec"]})
+    for b in "gri":
+        t[mcol.format(b=b)] = mags[b]
+        t[ecol.format(b=b)] = np.full(n, 0.01)
+    return refcat_csv_bytes(t)
+
+
+@pytest.mark.parametrize("band,kind,seed", [("B", "ps1", 40), ("V", "ps1", 41), ("R", "ps1", 42), ("I", "ps1", 43),
+                                            ("R", "sdss", 44), ("I", "sdss", 45), ("g", "ps1", 46),
+                                            ("i", "sdss", 48)])
+def test_imsng_zero_point_in_ab_through_the_catalogue_against_truth(band, kind, seed):
+    """An LOAO-like frame (0.794"/px) in B V R I or g r i, calibrated against a PS1 or SDSS catalogue:
+    the total-flux zero point is the true one within 0.05 (B V R I) or 0.03 (g r i) mag."""
+    data, hdr, var, truth = make_frame(seed=seed, shape=(560, 560), pixscale=0.794, fwhm_arcsec=2.8, zp=25.1,
+                                       filt=band, n_stars=220, with_pm=False)
+    hdr.update(truth["wcs"].to_header())
+    ref = R.read_refcat(_imsng_catalogue(truth, band, kind, seed), kind=kind, name=f"{kind}_M101.csv")
+    r = P.photometry(data, hdr, ref, band, pixscale=0.794, gain=2.68, saturation=60000, variance=var,
+                     scheme="gppy")
+    h = r.header
+    total = h["ZPTOT"]
+    print(f"\n{band} via {kind}: ZPTOT {total:.4f} (true {truth['zp']}) N {h['NSTARZP']} {h.get('ZPTRANS', '-')}")
+    assert abs(total - truth["zp"]) < (0.03 if band in "gri" else 0.05)
+    if band in "BVRI":
+        assert h["ZPTRANS"].startswith({"ps1": "Tonry2012", "sdss": "Lupton2005"}[kind])
+        assert h["ZPCOLMIN"] < h["ZPCOLMAX"] <= 1.4 and h["ZPVEGAAB"] == _VEGA_TO_AB[band]
+    else:
+        assert "ZPTRANS" not in h
+    # gpPy's aperture set and keys: APER the S/N-optimal diameter, APER_1 = 1.3462 x seeing, 3" and 5"
+    assert h["APER_1"] == pytest.approx(1.3462 * r.seeing_arcsec, abs=2e-3)
+    assert h["APER_2"] == pytest.approx(2 * r.seeing_arcsec, abs=2e-3) and h["APER_4"] == 3.0 and h["APER_5"] == 5.0
+    assert h["APERPIX"] == pytest.approx(r.growth.best_diameter, abs=1e-3)
+    assert h["ZP_2"] == pytest.approx(h["ZP_APER_1"], abs=1e-3) and h["STDNUM_2"] == h["NZP_APER_1"]
+
+
+def test_a_band_the_catalogue_cannot_give_is_bad_input():
+    data, hdr, var, truth = make_frame(seed=5, shape=(300, 300), n_stars=60, filt="B", with_pm=False)
+    hdr.update(truth["wcs"].to_header())
+    two_mass = R.standardize(Table({"RAJ2000": truth["stars"]["ra"], "DEJ2000": truth["stars"]["dec"],
+                                    "Jmag": truth["stars"]["mag"]}), "2mass")
+    with pytest.raises(BadInputError, match="no magnitudes in B"):
+        P.photometry(data, hdr, two_mass, "B", pixscale=0.505, gain=0.78, saturation=60000, scheme="gppy")
+    ps1_gr = R.standardize(Table({"raMean": [1.0], "decMean": [1.0], "gMeanPSFMag": [15.0],
+                                  "rMeanPSFMag": [14.5]}), "ps1")
+    assert P.reference_band(ps1_gr, "B")[1].name == "Tonry2012"
+    with pytest.raises(BadInputError, match="needs i"):
+        P.reference_band(ps1_gr, "I")

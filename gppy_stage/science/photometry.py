@@ -4,7 +4,10 @@
    aperture of best signal-to-noise, the seeing (median FWHM of those stars) and a Moffat fit of
    the growth curve that gives each aperture's correction to total flux.
 2. SExtractor second pass with the 7DT apertures: AUTO; APER = seeing x 2 x 0.673; APER_1 =
-   seeing x 2; APER_2 = seeing x 3; APER_3 = 3"; APER_4 = 5"; APER_5 = 10".
+   seeing x 2; APER_2 = seeing x 3; APER_3 = 3"; APER_4 = 5"; APER_5 = 10". IMSNG/GECKO frames get
+   gpPy's set instead (``scheme="gppy"``): APER = the S/N-optimal aperture of the growth curve;
+   APER_1 = seeing x 1.3462; APER_2 = seeing x 2; APER_3 = seeing x 3; APER_4 = 3"; APER_5 = 5"
+   (SilverRon/gppy, phot/gregoryphot_mp_2021.py: ``aperlist``), and gpPy's header keys beside ours.
 3. Zero point per aperture (7DT recipe): stars matched within 1" to the reference, reference mag
    12-17.5 with error < 0.05, FLAGS == 0; 2-sigma-clipped median of (ref - inst); its error from
    the NMAD / sqrt(N). ``ZP_<AP>`` includes the aperture loss (so calibrated aperture magnitudes
@@ -31,6 +34,7 @@ from scipy.optimize import least_squares
 
 from ..errors import BadInputError
 from ..tools import astromatic
+from . import transforms
 from .astrometry import weight_and_flag
 
 # aperture suffixes in catalogue order (SExtractor's FLUX_APER(6) columns 0..5)
@@ -47,11 +51,39 @@ class PhotometryError(BadInputError):
 
 # ----------------------------------------------------------------------------- apertures
 
-def aperture_diameters(seeing_arcsec: float, pixscale: float) -> dict[str, float]:
-    """The 7DT apertures (diameters in pixels) for a seeing (arcsec)."""
+SCHEMES = ("7dt", "gppy")
+
+
+def aperture_diameters(seeing_arcsec: float, pixscale: float, scheme: str = "7dt",
+                       best_px: float | None = None) -> dict[str, float]:
+    """The apertures (diameters in pixels) for a seeing (arcsec): 7DT's, or gpPy's (IMSNG/GECKO),
+    whose first is the S/N-optimal diameter ``best_px`` of the growth curve."""
     s = seeing_arcsec
-    arcsec = {"APER": s * 2 * 0.673, "APER_1": s * 2, "APER_2": s * 3, "APER_3": 3.0, "APER_4": 5.0, "APER_5": 10.0}
+    if scheme == "gppy":
+        if best_px is None:
+            raise ValueError("gpPy's aperture set needs the S/N-optimal diameter (best_px)")
+        # gpPy's 1.3462 is 2 x 0.6731: the Gaussian S/N-optimal diameter in units of the FWHM
+        arcsec = {"APER": best_px * pixscale, "APER_1": s * 1.3462, "APER_2": s * 2, "APER_3": s * 3,
+                  "APER_4": 3.0, "APER_5": 5.0}
+    elif scheme == "7dt":
+        arcsec = {"APER": s * 2 * 0.673, "APER_1": s * 2, "APER_2": s * 3, "APER_3": 3.0, "APER_4": 5.0,
+                  "APER_5": 10.0}
+    else:
+        raise ValueError(f"unknown aperture scheme {scheme!r} (known: {', '.join(SCHEMES)})")
     return {k: v / pixscale for k, v in arcsec.items()}
+
+
+def reference_band(reference: Table, band: str) -> tuple[Table, transforms.Transform | None]:
+    """The reference with ``mag_<band>``: as the catalogue gives it, else through the catalogue's
+    transformation (B V R I from g r i); the transformation used, or None."""
+    if f"mag_{band}" in reference.colnames:
+        return reference, None
+    t = transforms.transform_for(reference.meta.get("TRANSFORM"), band)
+    have = [c[4:] for c in reference.colnames if c.startswith("mag_")]
+    if t is None or any(b not in have for b in t.needs):
+        raise PhotometryError(f"reference catalogue has no magnitudes in {band} (has: {', '.join(have)}"
+                              + (f"; {t.name} needs {', '.join(t.needs)})" if t else ")"))
+    return transforms.derive_band(reference, t), t
 
 
 def growth_diameters(pixscale: float, n: int = 30) -> np.ndarray:
@@ -254,10 +286,13 @@ def photometry(
     match_radius_arcsec: float = 1.0,
     mag_range: tuple[float, float] = (12.0, 17.5),
     max_ref_err: float = 0.05,
+    scheme: str = "7dt",
 ) -> PhotResult:
     """Two SExtractor passes, zero points per aperture, depths and the calibrated catalogue.
 
-    ``reference`` is in the one shape of :mod:`refcat`, already at the observation epoch.
+    ``reference`` is in the one shape of :mod:`refcat`, already at the observation epoch; a band
+    it lacks (B V R I) comes through its transformation (:func:`reference_band`). ``scheme``:
+    the aperture set, ``7dt`` or ``gppy`` (IMSNG/GECKO sites).
     Raises PhotometryError (a BadInputError) with the reason when the frame cannot be calibrated.
     """
     with warnings.catch_warnings():
@@ -267,9 +302,7 @@ def photometry(
         raise PhotometryError("frame has no WCS: run astrometry first")
     if reference is None or len(reference) == 0:
         raise PhotometryError("no reference catalogue")
-    if f"mag_{band}" not in reference.colnames:
-        raise PhotometryError(f"reference catalogue has no magnitudes in {band} "
-                              f"(has: {', '.join(c[4:] for c in reference.colnames if c.startswith('mag_'))})")
+    reference, trans = reference_band(reference, band)
     weight, flag = weight_and_flag(mask, variance, data.shape)
     sky, skysig = sky_stats(data, mask)
     # 1. growth curve
@@ -287,7 +320,7 @@ def photometry(
     seeing = growth.fwhm * pixscale if 0.75 < growth.fwhm / fwhm_px < 1.25 else seeing_se
     ellip = float(np.median(np.asarray(cat1["ELLIPTICITY"], float)[stars]))
     # 2. the 7DT apertures
-    apers = aperture_diameters(seeing, pixscale)
+    apers = aperture_diameters(seeing, pixscale, scheme, best_px=growth.best_diameter)
     cat = astromatic.sextractor(data, header, weight=weight, flag=flag, params="sextractor/photometry.param",
                                 options=_sex_options(gain, saturation, pixscale, seeing, list(apers.values())))
     if len(cat) == 0:
@@ -342,9 +375,35 @@ def photometry(
     hdr["EZPTOT"] = (round(zps["APER_1"].ezp, 5), "error of ZPTOT")
     for key, value in cat.meta.items():
         hdr[key] = value
+    if trans is not None:
+        for key, card in trans.header_cards().items():
+            hdr[key] = card
+    if scheme == "gppy":
+        hdr.update(gppy_cards(zps, ul5, apers, seeing, pixscale, cat, good, mag_range))
     extra = {"apcor": apcor, "ul5": ul5, "skyval": sky, "skysig": skysig, "ellip": ellip,
              "seeing_moffat_arcsec": growth.fwhm * pixscale, "seeing_sextractor_arcsec": seeing_se}
     return PhotResult(out, hdr, zps, growth, seeing, apers, band, extra)
+
+
+def gppy_cards(zps, ul5, apers, seeing, pixscale, cat, good, mag_range) -> fits.Header:
+    """gpPy's own keys (SilverRon/gppy phot/gregoryphot_mp_2021.py), so its users' scripts read an
+    IMSNG/GECKO frame as before: per aperture k (0 = AUTO, 1 = APER, ... 6 = APER_5) ``ZP_k``,
+    ``ZPER_k``, ``UL5_k``, ``STDNUM_k``; the optimal aperture ``APERPIX`` [px] and ``NAPER``
+    (= APERPIX / seeing in px); ``ELONG``; the reference magnitude range ``MAGLOW``/``MAGUP``.
+    gpPy's ``APER_k`` keys are diameters in pixels; here they stay arcsec, as on 7DT frames."""
+    hdr = fits.Header()
+    for k, ap in enumerate(ALL_APERTURES):
+        hdr[f"ZP_{k}"] = (round(zps[ap].zp, 3), f"zero point for MAG_{ap} (gpPy)")
+        hdr[f"ZPER_{k}"] = (round(zps[ap].ezp, 3), f"zero-point error for MAG_{ap} (gpPy)")
+        hdr[f"UL5_{k}"] = (round(ul5[ap], 3), f"5 sigma limit mag for MAG_{ap} (gpPy)")
+        hdr[f"STDNUM_{k}"] = (zps[ap].n, f"# of std stars for MAG_{ap} (gpPy)")
+    hdr["APERPIX"] = (round(apers["APER"], 3), "[pixel] S/N-optimal aperture diameter")
+    hdr["NAPER"] = (round(apers["APER"] * pixscale / seeing, 3), "N = APERTURE/PEEING")
+    hdr["ELONG"] = (round(float(np.nanmedian(np.asarray(cat["ELONGATION"], float)[good])) if good.any()
+                          else float("nan"), 3), "median elongation A/B of reference stars")
+    hdr["MAGLOW"] = (mag_range[0], "ref mag range, bright limit")
+    hdr["MAGUP"] = (mag_range[1], "ref mag range, faint limit")
+    return hdr
 
 
 def _set(hdr: fits.Header, key: str, value, comment: str) -> None:
