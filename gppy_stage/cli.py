@@ -178,16 +178,21 @@ def sim_night(
     out: Path = typer.Option(..., "--out", help="Folder to write (a storage root: obsdata/, ref_cat/, truth/...)."),
     unit: str = typer.Option("7DT01", "--unit", help="Unit to simulate."),
     night: str = typer.Option("2025-01-01", "--night", help="Night date (YYYY-MM-DD)."),
-    filters: str = typer.Option("m425,m475", "--filters", help="Comma-separated filters."),
+    filters: Optional[str] = typer.Option(None, "--filters", help="Comma-separated filters [7DT: m425,m475]."),
     size: str = typer.Option("small", "--size", help="small (1536x1024, seconds) or full (9576x6388)."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same night."),
     calib: str = typer.Option("bias,dark,flat", "--calib", help="Calibration frames the night has."),
     n_science: int = typer.Option(3, "--n-science", help="Science frames per filter."),
+    obs: Optional[str] = typer.Option(None, "--obs", help="An IMSNG/GECKO site instead of a 7DT unit (LOAO, KCT, "
+                                      "RASA36): its detector, MaxIm headers, folder and file names, its filters "
+                                      "unless --filters is given, and a PS1 or APASS reference catalogue."),
 ):
-    """Simulate a raw 7DT night in the exact TCSpy layout, with truth and a reference catalogue."""
+    """Simulate a raw 7DT night in the exact TCSpy layout (or, with --obs, an IMSNG/GECKO site's
+    night as MaxIm DL writes it), with truth and a reference catalogue."""
     from tqdm import tqdm
 
     from .sim import simulate_night
+    from .sim.imsng import simulate_site_night
 
     with tqdm(desc="simulating", unit="frame", file=sys.stderr) as bar:
         def progress(done, total, name):
@@ -195,9 +200,15 @@ def sim_night(
             bar.update(done - bar.n)
 
         try:
-            summary = simulate_night(out, unit=unit, night=night, filters=tuple(f for f in filters.split(",") if f),
-                                     size=size, seed=seed, calib=tuple(c for c in calib.split(",") if c),
-                                     n_science=n_science, progress=progress)
+            if obs is not None:
+                given = {"filters": tuple(f for f in filters.split(",") if f)} if filters else {}
+                summary = simulate_site_night(out, obs=obs, night=night, size=size, seed=seed, n_science=n_science,
+                                              progress=progress, **given)
+            else:
+                filters = filters or "m425,m475"
+                summary = simulate_night(out, unit=unit, night=night, filters=tuple(f for f in filters.split(",") if f),
+                                         size=size, seed=seed, calib=tuple(c for c in calib.split(",") if c),
+                                         n_science=n_science, progress=progress)
         except errors.GppyError as exc:
             _fail(exc)
     summary.pop("files", None)
