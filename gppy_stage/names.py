@@ -4,6 +4,12 @@ Raw frame:   <UNIT>_<YYYYMMDD>_<HHMMSS>_<OBJECT>_<FILTER>_<XBIN>x<YBIN>_<EXPTIME
 Night:       <YYYY-MM-DD>_gain2750 | <YYYY-MM-DD>_ToO_gain2750 | <YYYY-MM-DD>_gain2750_ToO | ..._1x1
              (IMSNG/GECKO sites: <YYYY>_<MMDD> | <YYYYMMDD> | <YYYY-MM-DD>, per registry row)
 Processed:   calib_<unit>_<field>_<YYYYMMDD>_<HHMMSS>_<filter>_<exptime>.fits
+             (IMSNG/GECKO sites, as gpPy writes them: Calib-<OBS>-<OBJECT>-<YYYYMMDD>-<HHMMSS>-<filter>-<exptime>.fits,
+             stacks ...-<total>com.fits, differences hd<stack>, convolved references hc<stack>)
+
+Every product name is made here: the plan names frames and stacks, the stages name what they
+derive from them (:func:`difference_keys`, :func:`phot_keys`), and :func:`convention` says, from
+the registry's ``header_dialect``, whether a site's products take 7DT's names or gpPy's.
 
 OBJECT may itself contain ``_``, so raw names are split from both ends.
 
@@ -17,7 +23,7 @@ import re
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
-from .errors import BadInputError
+from .errors import BadInputError, ConfigError
 
 _RAW_HEAD = re.compile(r"^(?P<unit>[A-Za-z0-9]+?)_(?P<date>\d{8})_(?P<time>\d{6})_(?P<rest>.+)$")
 _RAW_TAIL = re.compile(
@@ -189,12 +195,34 @@ def _exptime_text(exptime: float) -> str:
     return f"{exptime:g}"
 
 
+def convention(obs: str) -> str:
+    """``gppy`` for an IMSNG/GECKO site (a registry row whose headers are not TCSpy's), else ``7dt``
+    (the 7DT units, and a name that is no registry row: 7DT's names never change)."""
+    from . import config  # the registry; imported here as config needs nothing of names
+
+    try:
+        return "7dt" if config.site(str(obs)).header_dialect == "tcspy" else "gppy"
+    except (ConfigError, KeyError):
+        return "7dt"
+
+
+def _gppy_exptime(exptime: float) -> str:
+    # gpPy writes str(int(EXPTIME)); a sub-second exposure keeps its digits rather than read 0
+    return str(int(exptime)) if exptime >= 1 else f"{exptime:g}"
+
+
 def calib_name(unit: str, field: str, date_obs: datetime, filt: str, exptime: float, copy: int = 0) -> str:
-    """``calib_<unit>_<field>_<YYYYMMDD>_<HHMMSS>_<filter>_<exptime>.fits`` (gppy-gpu).
+    """``calib_<unit>_<field>_<YYYYMMDD>_<HHMMSS>_<filter>_<exptime>.fits`` (gppy-gpu); at an
+    IMSNG/GECKO site ``Calib-<OBS>-<OBJECT>-<YYYYMMDD>-<HHMMSS>-<filter>-<exptime>.fits``, as gpPy's
+    ``calib.fnamechange`` writes it (SilverRon/gppy preprocess/calib.py; exposure in whole seconds;
+    gpPy upper-cases OBJECT, here the field keeps the plan's spelling so name and folder agree).
 
     ``copy`` > 0 tells apart frames that would otherwise share the name (two different exposures
     started in the same second): ``..._<exptime>_<copy + 1>.fits``."""
     tail = f"_{copy + 1}" if copy else ""
+    if convention(unit) == "gppy":
+        return (f"Calib-{safe_name(unit)}-{safe_name(field)}-{date_obs:%Y%m%d-%H%M%S}-{safe_name(filt)}-"
+                f"{_gppy_exptime(exptime)}{tail}.fits")
     return (f"calib_{safe_name(unit)}_{safe_name(field)}_{date_obs:%Y%m%d_%H%M%S}_{safe_name(filt)}_"
             f"{_exptime_text(exptime)}{tail}.fits")
 
@@ -227,5 +255,48 @@ def master_name(kind: str, unit: str, night_date: str, binning: int, gain: int |
 
 
 def stack_name(unit: str, field: str, mid: datetime, filt: str, total_exptime: float) -> str:
-    """``calib_<unit>_<field>_<YYYYMMDD>_<HHMMSS>_<filter>_<exptime>com.fits`` (mid-time, total exposure)."""
+    """``calib_<unit>_<field>_<YYYYMMDD>_<HHMMSS>_<filter>_<exptime>com.fits`` (mid-time, total
+    exposure); at an IMSNG/GECKO site ``Calib-<OBS>-<OBJECT>-<YYYYMMDD>-<HHMMSS>-<filter>-<total>com.fits``
+    (gpPy's ``C*com.fits``; its older ``..._gregister-com.fits`` variant is not written)."""
     return calib_name(unit, field, mid, filt, total_exptime)[: -len(".fits")] + "com.fits"
+
+
+def _split(key: str) -> tuple[str, str]:
+    folder, _, name = key.rpartition("/")
+    return (folder + "/" if folder else ""), (strip_fits_suffix(name) or name)
+
+
+def phot_keys(product_key: str) -> tuple[str, str]:
+    """(catalogue, zero-point plot) of a calib frame or stack: ``phot/<stem>.phot.cat`` and
+    ``phot/<stem>.zp.png`` beside it (gpPy's ``*.phot.cat``, in a ``phot/`` folder)."""
+    folder, stem = _split(product_key)
+    return f"{folder}phot/{stem}.phot.cat", f"{folder}phot/{stem}.zp.png"
+
+
+GPPY_DIFF, GPPY_CONV = "hd", "hc"
+
+
+def difference_keys(stack_key: str) -> dict[str, str]:
+    """The subtract stage's products of a stack: the difference, its noise and mask, and the
+    reference as convolved onto the stack. 7DT: ``<stem>.diff.fits``, ``<stem>.diff.noise.fits``,
+    ``<stem>.diff.mask.fits``, ``<stem>.ref.fits``; a stack named the gpPy way (``Calib-...``), as
+    gpPy names them: ``hd<stem>.fits``, ``hd<stem>.noise.fits``, ``hd<stem>.mask.fits``, ``hc<stem>.fits``."""
+    folder, stem = _split(stack_key)
+    if stem.startswith("Calib-"):
+        d, c = f"{folder}{GPPY_DIFF}{stem}", f"{folder}{GPPY_CONV}{stem}"
+        return {"diff": f"{d}.fits", "noise": f"{d}.noise.fits", "mask": f"{d}.mask.fits", "ref": f"{c}.fits"}
+    s = folder + stem
+    return {"diff": f"{s}.diff.fits", "noise": f"{s}.diff.noise.fits", "mask": f"{s}.diff.mask.fits",
+            "ref": f"{s}.ref.fits"}
+
+
+def beside(folder: str, key: str) -> str:
+    """Where a product found under ``folder`` would sit if it were named after its frame or stack
+    (``phot/x.phot.cat`` -> ``x.phot.cat``; gpPy's ``hdx.noise.fits``, ``hcx.fits`` -> ``x.noise.fits``,
+    ``x.fits``), so the stem it extends tells which frame or stack owns it."""
+    if key.startswith("phot/"):
+        key = key[len("phot/"):]
+    for prefix in (GPPY_DIFF, GPPY_CONV):
+        if key.startswith(prefix + "Calib-"):
+            key = key[len(prefix):]
+    return f"{folder}/{key}"

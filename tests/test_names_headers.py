@@ -201,3 +201,40 @@ def test_a_broken_settings_file_is_one_line_naming_the_file_and_line(tmp_path):
     path.write_text("- a list\n- not settings\n")
     with pytest.raises(ConfigError, match="mapping"):
         config.load_yaml(path)
+
+
+def test_imsng_products_are_named_as_gppy_names_them_and_7dt_ones_stay():
+    when = datetime(2024, 2, 29, 12, 34, 56)
+    assert names.convention("LOAO") == "gppy" and names.convention("RASA36") == "gppy"
+    assert names.convention("7DT01") == "7dt" and names.convention("NOSUCHSITE") == "7dt"
+    # gpPy's calib.fnamechange: Calib-<OBS>-<OBJECT>-<YYYYMMDD>-<HHMMSS>-<FILTER>-<int(EXPTIME)>.fits
+    frame = names.calib_name("LOAO", "M101", when, "R", 60.0)
+    assert frame == "Calib-LOAO-M101-20240229-123456-R-60.fits"
+    assert names.calib_name("KCT", "NGC3367", when, "r", 120.0, copy=1) == "Calib-KCT-NGC3367-20240229-123456-r-120_2.fits"
+    stack = names.stack_name("LOAO", "M101", when, "R", 180.0)
+    assert stack == "Calib-LOAO-M101-20240229-123456-R-180com.fits"
+    folder = names.processed_dir("M101", "LOAO", "R")
+    assert folder == "processed/M101/LOAO/R"
+    keys = names.difference_keys(f"{folder}/{stack}")
+    assert keys["diff"] == f"{folder}/hdCalib-LOAO-M101-20240229-123456-R-180com.fits"
+    assert keys["ref"] == f"{folder}/hcCalib-LOAO-M101-20240229-123456-R-180com.fits"
+    assert keys["noise"].startswith(f"{folder}/hdCalib-") and keys["mask"].endswith("com.mask.fits")
+    assert names.phot_keys(f"{folder}/{frame}")[0] == f"{folder}/phot/Calib-LOAO-M101-20240229-123456-R-60.phot.cat"
+    # every product of a stack is owned by the stack's stem, gpPy's prefixes included
+    stem = f"{folder}/{stack[:-len('.fits')]}"
+    for key in keys.values():
+        assert names.beside(folder, key.rsplit("/", 1)[1]).startswith(stem + ".")
+    # 7DT names unchanged
+    seven = names.stack_name("7DT01", "T10779", when, "m425", 300.0)
+    assert seven == "calib_7DT01_T10779_20240229_123456_m425_300com.fits"
+    assert names.difference_keys(f"p/{seven}") == {"diff": "p/" + seven[:-5] + ".diff.fits",
+                                                     "noise": "p/" + seven[:-5] + ".diff.noise.fits",
+                                                     "mask": "p/" + seven[:-5] + ".diff.mask.fits",
+                                                     "ref": "p/" + seven[:-5] + ".ref.fits"}
+
+
+@pytest.mark.parametrize("value", ["../../etc", "a/b", "-rf", "x; rm -rf ~"])
+def test_no_header_value_leaves_the_folder_in_a_gppy_name(value):
+    when = datetime(2024, 2, 29, 12, 34, 56)
+    for name in (names.calib_name("LOAO", value, when, value, 60.0), names.stack_name("LOAO", value, when, value, 60.0)):
+        assert "/" not in name and ".." not in name and name.startswith("Calib-LOAO-")

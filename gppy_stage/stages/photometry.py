@@ -1,6 +1,10 @@
 """The photometry stage: one solved ``calib_*.fits`` -> ``phot/<stem>.phot.cat``, a zero-point
 plot ``phot/<stem>.zp.png``, and the ZP/EZP/UL5/SEEING... keys in the calib frame's header
 (rewritten whole, then replaced, as the astrometry stage does).
+
+The reference is the site's catalogue (``sites`` in config/refcat_columns.yaml: Gaia XP for 7DT,
+PS1/SDSS/APASS in the north, SkyMapper/APASS in the south), the first the root holds for the
+field; an IMSNG/GECKO site gets gpPy's aperture set (names.convention).
 """
 
 from __future__ import annotations
@@ -13,12 +17,11 @@ from astropy.io import fits
 from .. import __version__, config, log, storage
 from ..errors import BadInputError
 from ..fitsio import put_hdul, read_hdul
-from ..names import strip_fits_suffix
+from ..names import convention, phot_keys, strip_fits_suffix
 from ..science import astrometry as astro
 from ..science import photometry as phot
 from ..science import refcat as refcat_mod
 from ..tools import astromatic
-from .astrometry import refcat_key
 from .base import Night, Timer, input_hash, utcnow
 
 _log = log.get("photometry")
@@ -28,10 +31,17 @@ SETTINGS = {"match_radius_arcsec": 1.0, "mag_range": [12.0, 17.5], "max_ref_err"
 
 def product_keys(output_key: str) -> tuple[str, str]:
     """(catalogue key, plot key) next to a calib frame key."""
-    folder, _, name = output_key.rpartition("/")
-    stem = strip_fits_suffix(name) or name
-    prefix = f"{folder}/phot/" if folder else "phot/"
-    return prefix + stem + ".phot.cat", prefix + stem + ".zp.png"
+    return phot_keys(output_key)
+
+
+def reference_key(ctx: Night, obj: str, product_url: str) -> tuple[str, str]:
+    """(key, kind) of the site's reference catalogue of the field; bad input naming every file
+    looked for when the root holds none of them."""
+    found = refcat_mod.locate(ctx.unit, obj, lambda k: storage.exists(ctx.url(k)))
+    if found is None:
+        tried = ", ".join(f"ref_cat/{refcat_mod.refcat_file(k, obj)}" for k in refcat_mod.site_kinds(ctx.unit))
+        raise BadInputError(f"no reference catalogue for field {obj} (looked for {tried})", path=product_url)
+    return found
 
 
 def run(ctx: Night, frame: str) -> dict:
@@ -48,18 +58,17 @@ def run_product(ctx: Night, key: str, obj: str, band: str | None, label: str | N
     cat_key, png_key = product_keys(key)
     if not storage.exists(output_url):
         raise BadInputError("reduced frame not found: run the reduce and astrometry stages first", path=output_url)
-    ref_url = ctx.url(refcat_key(obj))
-    if not storage.exists(ref_url):
-        raise BadInputError(f"no reference catalogue {refcat_key(obj)} for field {obj}", path=output_url)
-    ref_raw = storage.get_bytes(ref_url)
+    ref_key, ref_kind = reference_key(ctx, obj, output_url)
+    ref_raw = storage.get_bytes(ctx.url(ref_key))
+    scheme = convention(ctx.unit)
     timer = Timer()
     with read_hdul(output_url) as hdul:
         hdul.verify("silentfix")
         header = hdul[0].header.copy()
         if not header.get("ASTROMTD"):
             raise BadInputError("frame has no astrometric solution (ASTROMTD missing)", path=output_url)
-        work = input_hash("photometry", [key, header.get("ASTRHASH", ""), config.settings_hash(
-            ref_raw.decode(errors="replace"))], {**SETTINGS, "sex": astromatic.provenance(
+        work = input_hash("photometry", [key, header.get("ASTRHASH", ""), ref_key, config.settings_hash(
+            ref_raw.decode(errors="replace"))], {**SETTINGS, "scheme": scheme, "sex": astromatic.provenance(
                 "source-extractor", "sextractor/default.sex", "sextractor/photometry.param", "sextractor/growth.param")})
         cat_url = ctx.url(cat_key)
         if not ctx.force and header.get("PHOTHASH") == work and storage.exists(cat_url):
@@ -70,7 +79,7 @@ def run_product(ctx: Night, key: str, obj: str, band: str | None, label: str | N
         mask = np.asarray(hdul["MASK"].data) if "MASK" in hdul else None
         variance = np.asarray(hdul["VARIANCE"].data, dtype=np.float32) if "VARIANCE" in hdul else None
         extensions = [h.copy() for h in hdul[1:]]
-    reference = refcat_mod.read_refcat(ref_raw, name=refcat_key(obj))
+    reference = refcat_mod.read_refcat(ref_raw, kind=ref_kind, name=ref_key)
     when = astro.observation_time(header)
     if when is not None:
         reference = refcat_mod.at_epoch(reference, when)
@@ -79,7 +88,7 @@ def run_product(ctx: Night, key: str, obj: str, band: str | None, label: str | N
         data, header, reference, band, pixscale=reg.pixscale, gain=float(header.get("EGAIN", reg.gain)),
         saturation=float(header.get("SATURATE", reg.saturation)), mask=mask, variance=variance,
         match_radius_arcsec=SETTINGS["match_radius_arcsec"], mag_range=tuple(SETTINGS["mag_range"]),
-        max_ref_err=SETTINGS["max_ref_err"],
+        max_ref_err=SETTINGS["max_ref_err"], scheme=scheme,
     )
     stem = strip_fits_suffix(key.rsplit("/", 1)[-1])
     storage.put_bytes(cat_url, phot.catalog_bytes(result.catalog))

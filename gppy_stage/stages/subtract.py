@@ -10,7 +10,8 @@ PATH) on the array namespace of ``gppy_stage.xp.get_xp()``.
 Products beside the stack (``<stem>`` = the stack's name without ``.fits``):
 ``<stem>.diff.fits`` (new - ref, in the reference's scale, WCS, ``ZP`` of the difference and the
 kernel's description), ``<stem>.diff.noise.fits`` (1 sigma), ``<stem>.diff.mask.fits`` (1 = do
-not trust) and ``<stem>.ref.fits`` (the reference on the stack's grid, for stamps).
+not trust) and ``<stem>.ref.fits`` (the reference on the stack's grid, for stamps); a gpPy-named
+stack (IMSNG/GECKO) gets gpPy's ``hd<stem>.fits`` and ``hc<stem>.fits`` (names.difference_keys).
 
 A field without a reference is no failure: the result says ``status: no reference`` and the
 detect stage and the report carry that on.
@@ -25,7 +26,7 @@ import shutil
 import numpy as np
 from astropy.io import fits
 
-from .. import __version__, log, storage
+from .. import __version__, log, names, storage
 from ..errors import BadInputError, ConfigError
 from ..fitsio import put_hdul, read_hdul
 from ..headers import plausible_gain
@@ -33,7 +34,7 @@ from ..science.subtract import subtract as subtract_images
 from ..tools import swarp as sw
 from ..xp import device_name, get_xp
 from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
-from .stack import settings, stem, zero_point
+from .stack import settings, zero_point
 
 _log = log.get("subtract")
 
@@ -42,9 +43,7 @@ REF_ZP_KEYS = ("ZP", "ZP_AUTO", "ZP_APER_1", "MAGZERO", "MAGZPT")
 
 
 def product_keys(stack_key: str) -> dict[str, str]:
-    s = stem(stack_key)
-    return {"diff": f"{s}.diff.fits", "noise": f"{s}.diff.noise.fits", "mask": f"{s}.diff.mask.fits",
-            "ref": f"{s}.ref.fits"}
+    return names.difference_keys(stack_key)  # 7DT's <stem>.diff.fits..., gpPy's hd<stem>/hc<stem>
 
 
 def find_reference(root: str, field: str, filt: str, patterns=None) -> str | None:
