@@ -267,3 +267,39 @@ def test_a_band_the_catalogue_cannot_give_is_bad_input():
     assert P.reference_band(ps1_gr, "B")[1].name == "Tonry2012"
     with pytest.raises(BadInputError, match="needs i"):
         P.reference_band(ps1_gr, "I")
+
+
+def test_stage_on_an_imsng_frame_takes_the_site_catalogue_and_gppy_keys(tmp_path):
+    """An LOAO frame, solved, under its gpPy name: the stage finds the field's PS1 catalogue (not
+    the 7DT Gaia XP name), calibrates B through Tonry 2012 and writes gpPy's keys."""
+    from datetime import datetime
+
+    from gppy_stage import names
+    from gppy_stage.stages.base import PLAN_SCHEMA, Night
+    from gppy_stage.stages import photometry as st_phot
+
+    data, h, var, truth = make_frame(seed=50, shape=(560, 560), pixscale=0.794, fwhm_arcsec=2.8, zp=25.1, filt="B",
+                                     n_stars=220, with_pm=False)
+    h.update(truth["wcs"].to_header())
+    h["ASTROMTD"] = "SCAMP"
+    root = tmp_path / "root"
+    key = f"{names.processed_dir('M101', 'LOAO', 'B')}/" + names.calib_name("LOAO", "M101", datetime(2025, 1, 2, 5, 7, 4), "B", 100.0)
+    (root / key).parent.mkdir(parents=True)
+    write_calib(root / key, data, h, var)
+    run = root / "runs/LOAO/2025_0101"
+    run.mkdir(parents=True)
+    (run / "plan.json").write_text(json.dumps({"schema": PLAN_SCHEMA, "calsets": [], "stacks": [], "quarantine": [],
+                                               "frames": [{"id": "f0", "raw": "obsdata/LOAO/2025_0101/image.000.fits",
+                                                           "object": "M101", "filter": "B", "exptime": 100.0,
+                                                           "date_obs": h["DATE-OBS"], "output": key}]}))
+    ctx = Night(root=str(root), unit="LOAO", night="2025_0101")
+    with pytest.raises(BadInputError, match=r"looked for ref_cat/ps1_dr1_M101.csv, ref_cat/sdss_dr12_M101.csv"):
+        st_phot.run(ctx, "f0")
+    (root / "ref_cat").mkdir()
+    (root / "ref_cat/ps1_dr1_M101.csv").write_bytes(_imsng_catalogue(truth, "B", "ps1", 50))
+    p = st_phot.run(ctx, "f0")
+    assert p["catalog"] == f"processed/M101/LOAO/B/phot/{Path(key).stem}.phot.cat" and (root / p["catalog"]).is_file()
+    hdr = fits.getheader(root / key)
+    assert hdr["REFCAT"] == "ps1_dr1_M101.csv" and hdr["ZPTRANS"].startswith("Tonry2012 B=g")
+    assert abs(hdr["ZPTOT"] - truth["zp"]) < 0.05
+    assert {"ZP_0", "ZPER_6", "UL5_1", "STDNUM_2", "APERPIX", "NAPER"} <= set(hdr)
