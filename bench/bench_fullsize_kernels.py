@@ -92,7 +92,7 @@ def run_astroscrappy(shape) -> dict:
 
 def run_detect(shape) -> dict:
     from gppy_stage.science.detect import detect_candidates
-    from gppy_stage.science.subtract_sim import render
+    from gppy_stage.sim.pairs import render
 
     rng = np.random.default_rng(1)
     ny, nx = shape

@@ -1,6 +1,6 @@
 """Benchmark: the native subtraction engine against HOTPANTS on simulated pairs, up to full size.
 
-For each size a seeded pair is simulated (subtract_sim: 600 stars per 2048^2 + 20 injected,
+For each size a seeded pair is simulated (gppy_stage/sim/pairs.py: 600 stars per 2048^2 + 20 injected,
 FWHM new 4.0 px +-7.5 % across x, ref 2.5 px, flux scale 1.3) and written as float32 .npy, as the
 subtract stage holds its inputs; each engine then runs in its own process, which loads the pair,
 times ``subtract`` alone and reads its peak RSS (ru_maxrss, with the hotpants child's for the
@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from gppy_stage.science.subtract import subtract  # noqa: E402
-from gppy_stage.science.subtract_sim import make_pair  # noqa: E402
+from gppy_stage.sim.pairs import make_pair  # noqa: E402
 
 # the HOTPANTS 5.1.11 build the project keeps beside the repository (no package provides one)
 SHARED_HOTPANTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "tools", "hotpants")

@@ -24,16 +24,6 @@ BUG = 70
 RETRIABLE = 75
 CONFIG = 78
 
-EXIT_CODES = {
-    "OK": OK,
-    "BAD_INPUT": BAD_INPUT,
-    "TOOL_FAILURE": TOOL_FAILURE,
-    "BUG": BUG,
-    "RETRIABLE": RETRIABLE,
-    "CONFIG": CONFIG,
-}
-
-
 class GppyError(Exception):
     """Base of every error the pipeline raises on purpose."""
 

@@ -16,7 +16,7 @@ from astropy.wcs import WCS
 from gppy_stage.science.detect import FLAG_BITS, detect_candidates
 from gppy_stage.science.stamps import candidate_stamps, region_text, stamp_png
 from gppy_stage.science.subtract import subtract
-from gppy_stage.science.subtract_sim import make_pair, render
+from gppy_stage.sim.pairs import make_pair, render
 
 SHAPE = (512, 512)
 ZP = 25.0

@@ -8,11 +8,12 @@ import re
 import shutil
 from pathlib import Path
 
+import manifest_checks as checks
 import pytest
 import typer
 import yaml
 
-from gppy_stage.cluster import checks, workflow
+from gppy_stage.cluster import workflow
 from gppy_stage.cluster.cli import register
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """Image subtraction: the native Alard-Lupton engine against simulated truth, and the HOTPANTS
 wrapper where the binary exists.
 
-The pairs are seeded simulations (gppy_stage.science.subtract_sim) whose truth is exact: the
+The pairs are seeded simulations (gppy_stage.sim.pairs) whose truth is exact: the
 injected fluxes, the flux-scale ratio, and the per-pixel variances of the noiseless models.
 """
 
@@ -19,7 +19,7 @@ from gppy_stage.science.convolve import box_dilate, fft_convolve
 from gppy_stage.science.kernel import measure_fwhm
 from gppy_stage.science.kernel_fit import kernel_basis, stamp_convolutions
 from gppy_stage.science.subtract import SubtractionResult, subtract
-from gppy_stage.science.subtract_sim import make_pair
+from gppy_stage.sim.pairs import make_pair
 from gppy_stage.tools import hotpants as sh
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_subtract.py"

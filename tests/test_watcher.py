@@ -13,12 +13,13 @@ import uuid
 from datetime import date
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import manifest_checks as checks
 import pytest
 import typer
 from typer.testing import CliRunner
 
 from gppy_stage import storage
-from gppy_stage.cluster import checks, watcher, workflow
+from gppy_stage.cluster import watcher, workflow
 from gppy_stage.cluster.cli import register
 
 SECRET_HOOK_PATH = "/services/T000/B000/s3cr3t-token-do-not-log"

@@ -6,12 +6,13 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import manifest_checks as checks
 import pytest
 import typer
 import yaml
 
 from gppy_stage import graph
-from gppy_stage.cluster import checks, workflow
+from gppy_stage.cluster import workflow
 
 REPO = Path(__file__).resolve().parents[1]
 

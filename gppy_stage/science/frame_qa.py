@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from .photometry import NMAD
+
 
 def grid_step(shape: tuple[int, int]) -> int:
     """Every how many rows and columns a frame is sampled (about 25k-60k pixels either way)."""
@@ -21,14 +23,14 @@ def grid_step(shape: tuple[int, int]) -> int:
 
 
 def sample_stats(sample: np.ndarray) -> dict:
-    """Finite fraction, median and robust noise (1.4826 x MAD) of a pixel sample."""
+    """Finite fraction, median and robust noise (NMAD x MAD) of a pixel sample."""
     values = np.asarray(sample, dtype=np.float64).ravel()
     finite = values[np.isfinite(values)]
     stats = {"finite": round(finite.size / max(values.size, 1), 4), "median": None, "noise": None}
     if finite.size:
         med = float(np.median(finite))
         stats["median"] = round(med, 3)
-        stats["noise"] = round(1.4826 * float(np.median(np.abs(finite - med))), 3)
+        stats["noise"] = round(NMAD * float(np.median(np.abs(finite - med))), 3)
     return stats
 
 

@@ -10,7 +10,6 @@ a mean, so its pixel values are those of one frame's exposure while ``EXPTIME`` 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -93,11 +92,6 @@ def mid_time(frames: list[FrameForStack]) -> datetime:
     start = min(f.date_obs for f in frames)
     end = max(f.date_obs + timedelta(seconds=f.exptime) for f in frames)
     return start + (end - start) / 2
-
-
-def expected_depth_gain(n: int) -> float:
-    """How much deeper (mag) N equal frames stack: 2.5 log10(sqrt(N))."""
-    return 2.5 * math.log10(math.sqrt(n))
 
 
 def stack_header(header: fits.Header, frames: list[FrameForStack], scales: list[float], common_zp: float,

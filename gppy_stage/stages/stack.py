@@ -134,22 +134,6 @@ def load_pixels(url: str, frame_id: str, header: fits.Header, zp: float) -> tupl
     return sw.SwarpInput(data=data, header=h, weight=weight), info
 
 
-def load_frame(ctx: Night, frame: dict, cfg: dict) -> tuple[sw.SwarpInput, sk.FrameForStack, dict] | str:
-    """A calib frame ready for SWarp (weights, no scale yet), or the reason it cannot be stacked."""
-    checked = check_header(ctx, frame, cfg)
-    if isinstance(checked, str):
-        return checked
-    header, zp, zp_key = checked
-    got = load_pixels(ctx.url(frame["output"]), frame["id"], header, zp)
-    return got if isinstance(got, str) else (*got, {"zp_key": zp_key})
-
-
-def scaled_input(item: sw.SwarpInput, info: sk.FrameForStack, common_zp: float) -> sw.SwarpInput:
-    h = item.header.copy()
-    h["FLXSCALE"] = sk.flux_scale(info.zp, common_zp)
-    return sw.SwarpInput(data=item.data, header=h, weight=item.weight)
-
-
 def _identity(header: fits.Header, key: str, zp: float) -> dict:
     """What makes a frame's contribution: its key, and the hashes its reduction, astrometry and
     photometry recorded (each covers what it was made from), and the zero point it is scaled by."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+from ..science.kernel import SIGMA_PER_FWHM
 
 
 def psf_stamp(dx: float, dy: float, fwhm: float, half: int, beta: float | None = None) -> np.ndarray:
@@ -19,7 +19,7 @@ def psf_stamp(dx: float, dy: float, fwhm: float, half: int, beta: float | None =
     y, x = np.mgrid[-half:half + 1, -half:half + 1].astype(float)
     r2 = (x - dx) ** 2 + (y - dy) ** 2
     if beta is None:
-        s = fwhm * FWHM_TO_SIGMA
+        s = fwhm * SIGMA_PER_FWHM
         p = np.exp(-0.5 * r2 / s**2)
     else:
         alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))

@@ -1,4 +1,5 @@
-"""Checks of the rendered manifests that need no cluster.
+"""Checks of the rendered manifests that need no cluster (development tooling: the tests and
+``make check-manifests`` run them from a checkout; nothing in the runtime package needs them).
 
 - :func:`argo_schema_errors`: Argo's own CRD schemas, made strict (a misspelt or v3-only field fails).
 - :func:`reference_errors`: every template a task names exists; every ``{{...}}`` names something.
@@ -6,7 +7,7 @@
 - :func:`k8s_errors`: plain Kubernetes manifests against Kubernetes' schemas (kubernetes-validate,
   strict); custom resources it has no schema for are skipped with the reason.
 
-Each returns a list of readable error strings (empty: fine). ``python -m gppy_stage.cluster.checks``
+Each returns a list of readable error strings (empty: fine). ``python tests/manifest_checks.py``
 runs them all over ``workflows/`` and ``k8s/`` (``make check-manifests``).
 """
 
@@ -22,8 +23,8 @@ from typing import Any, Iterable
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-# a copy of Argo's CRDs (provenance and licence beside them); checks are run from a checkout
+REPO = Path(__file__).resolve().parents[1]
+# a copy of Argo's CRDs (provenance and licence beside them)
 CRD_DIR = REPO / "tests" / "data" / "argo-workflows-crds"
 ARGO_KINDS = {
     "Workflow": "argoproj.io_workflows.yaml",
@@ -326,7 +327,7 @@ def command_errors(doc: dict, root_command) -> list[str]:
 def gppy_command():
     import typer
 
-    from .. import cli
+    from gppy_stage import cli
 
     return typer.main.get_command(cli.app)
 
@@ -339,7 +340,7 @@ def workflow_invocations(doc: dict) -> list[tuple[str, str, tuple[str, ...]]]:
     once per night. ``--outputs-dir`` is left out: it is how Argo collects the planner's lists,
     where the local runner reads plan.json.
     """
-    from .. import graph
+    from gppy_stage import graph
 
     templates = {t["name"]: t for t in _spec_of(doc).get("templates") or []}
     out: list[tuple[str, str, tuple[str, ...]]] = []
