@@ -120,7 +120,7 @@ class NightReport:
             "science_frames_planned": len(plan["frames"]),
             "frames_out": len(done),
             "calsets": len(plan["calsets"]), "stacks": len(plan["stacks"]),
-            "quarantined": quarantined, "failed": failed, "warnings": plan["warnings"],
+            "quarantined": quarantined, "failed": failed, "skipped": plan.get("skipped", []), "warnings": plan["warnings"],
             "exit_code": night_exit_code(failed),
             "frames": frames,
             "timing": {k: {"count": len(v), "total_s": round(sum(v), 2), "max_s": round(max(v), 2)} for k, v in timing.items()},
@@ -255,19 +255,22 @@ def summary_text(report: dict) -> str:
         f"night {report['unit']} {report['night']} under {report['root']}",
         f"  frames in: {report['frames_in']}   science planned: {report['science_frames_planned']}   "
         f"science out: {report['frames_out']}   calibration sets: {report['calsets']}   stacks: {report['stacks']}",
-        f"  quarantined: {len(report['quarantined'])}   failed: {len(report['failed'])}",
+        f"  quarantined: {len(report['quarantined'])}   failed: {len(report['failed'])}"
+        + (f"   skipped: {len(report['skipped'])}" if report.get("skipped") else ""),
     ]
     for q in report["quarantined"]:
         lines.append(f"    - {q.get('file') or q.get('item')}: {q['reason']} ({q.get('stage')})")
     for f in report["failed"]:
         lines.append(f"    ! {f.get('item')}: {f['reason']} ({f.get('stage')}, exit {f.get('exit_code')})")
+    for s in report.get("skipped", []):
+        lines.append(f"    ~ {s['file']}: {s['reason']} (not planned)")
     if "candidates" in report:
         lines.append(f"  transient candidates that pass: {len(report['candidates'])}")
         if report["candidates"]:
-            lines.append(f"    {'stack':<24}{'id':>4}{'RA':>12}{'Dec':>12}{'mag':>8}{'err':>7}{'S/N':>7}{'score':>7}  stamp")
+            lines.append(f"    {'stack':<24}{'id':>4}{'RA':>12}{'Dec':>12}{'mag':>8}{'err':>7}{'S/N':>7}{'rb_score':>9}  stamp")
         for c in report["candidates"]:
             lines.append(f"    {c['stack']:<24}{c['id']:>4}{c['ra']:>12.6f}{c['dec']:>12.6f}{_num(c['mag'], 8, 2)}"
-                         f"{_num(c['magerr'], 7, 3)}{_num(c['snr'], 7, 1)}{_num(c['score'], 7, 2)}  "
+                         f"{_num(c['magerr'], 7, 3)}{_num(c['snr'], 7, 1)}{_num(c.get('rb_score'), 9, 2)}  "
                          f"{c.get('stamp', '-')}")
         lines.append(f"  night report: {report['report_md']}")
     if report["failed"]:
