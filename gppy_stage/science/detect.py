@@ -17,7 +17,10 @@ zero point calibrates, with little of a host galaxy's residual in it.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
+import sys
 
 import numpy as np
 from astropy.table import Table
@@ -67,37 +70,54 @@ def _gauss_kernel(fwhm: float) -> np.ndarray:
     return k / k.sum()
 
 
-def snr_map(d, n, bad, fwhm: float):
+def snr_map(d, n, bad, fwhm: float, *, strip_rows: int = 512, workers: int | None = None):
     """Matched-filter S/N map of prepared data (see ``_prepared``) and where it is trustworthy.
 
     S/N = (d/n^2 * k) / sqrt(1/n^2 * k^2) with k the truncated Gaussian PSF (``_gauss_kernel``,
     outside the image counting as no data). The kernel is separable, so each convolution is two
     1-D passes in float32: seconds on a 61-Mpix frame, where sep's own matched filter (a full
-    2-D kernel per pixel) takes minutes.
+    2-D kernel per pixel) takes minutes. It runs on strips of ``strip_rows`` rows with the
+    kernel's half-width of borders, ``workers`` at a time (scipy's filters release the GIL):
+    the inverse variance and the smoothed images then exist per strip, not per frame, and a
+    strip's core comes out as the whole frame's would.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from scipy.ndimage import correlate1d
 
+    from .reduce import strips, usable_cpus
+
     g = _gauss_kernel_1d(fwhm)
+    g2 = g * g
     h = len(g) // 2
+    snr = np.empty(d.shape, np.float32)
+    good = np.empty(d.shape, bool)
 
     def smooth(img, kernel):
         out = correlate1d(img, kernel, axis=0, mode="constant", cval=0.0)
         return correlate1d(out, kernel, axis=1, mode="constant", cval=0.0, output=out)
 
-    ivar = n * n
-    with np.errstate(divide="ignore"):
-        np.divide(np.float32(1), ivar, out=ivar)
-    ivar[bad] = 0
-    den = smooth(ivar, g * g)
-    ivar *= d
-    snr = smooth(ivar, g)
-    del ivar
-    good = den > 0
-    np.sqrt(den, out=den)
-    np.divide(snr, den, out=snr, where=good)
-    snr[~good] = 0
-    del den
-    return snr, good & ~box_any(bad, h)
+    def one(strip):
+        lo, start, stop, hi = strip
+        core = slice(start - lo, stop - lo)
+        ivar = np.square(n[lo:hi], dtype=np.float32)
+        with np.errstate(divide="ignore"):
+            np.divide(np.float32(1), ivar, out=ivar)
+        ivar[bad[lo:hi]] = 0
+        den = smooth(ivar, g2)[core]
+        ivar *= d[lo:hi]
+        num = smooth(ivar, g)[core]
+        del ivar
+        ok = den > 0
+        np.sqrt(den, out=den)
+        out = snr[start:stop]
+        out[...] = 0
+        np.divide(num, den, out=out, where=ok)
+        good[start:stop] = ok & ~box_any(bad[lo:hi], h)[core]
+
+    with ThreadPoolExecutor(max(1, workers or usable_cpus())) as pool:
+        list(pool.map(one, strips(d.shape[0], strip_rows, overlap=h)))  # list(): a strip's error is raised here
+    return snr, good
 
 
 def matched_noise_factor(diff, noise, mask, fwhm: float) -> float:
@@ -121,17 +141,74 @@ def _noise_factor(snr, good, max_samples: int = 4_000_000) -> float:
 
 
 def _prepared(diff, noise, mask):
-    """float32 (data with 0 where bad, noise, bad): one copy of the data, none of a float32
-    noise. Memory-mapped inputs are read once here, so a caller need not hold them in memory."""
-    d = np.array(to_numpy(diff), dtype=np.float32, copy=True)
-    n = np.asarray(to_numpy(noise), np.float32)
-    bad = np.zeros(d.shape, bool) if mask is None else np.array(to_numpy(mask), dtype=bool, copy=True)
+    """float32 (data with 0 where bad, noise with 0 where bad, bad): one copy of each, so a
+    caller's arrays are never written to. The noise is finite everywhere, as sep needs it for an
+    error. Memory-mapped inputs are read once here, strip by strip, and let go of (see
+    ``_copy_released``), so a caller need not hold them in memory."""
+    d = _copy_released(diff, np.float32)
+    n = _copy_released(noise, np.float32)
+    bad = np.zeros(d.shape, bool) if mask is None else _copy_released(mask, bool)
     with np.errstate(invalid="ignore"):
         bad |= ~np.isfinite(d)
         bad |= ~(n > 0)
         bad |= ~np.isfinite(n)
     d[bad] = 0
+    n[bad] = 0
     return d, n, bad
+
+
+def _copy_released(a, dtype, rows: int = 512) -> np.ndarray:
+    """``a`` as a new ``dtype`` array. When ``a`` lies in a memory-mapped file (a FITS image
+    opened with ``memmap=True``), each strip's pages are let go once copied: they would otherwise
+    stay in the process's resident set beside the copy until the file is closed (a full-size
+    difference, noise and mask: 0.6 GiB). Only a strip whose pages all still hold the file's own
+    bytes is let go (re-read from the file if touched again); a strip written to in memory (a
+    copy-on-write page) is kept as it is."""
+    a = to_numpy(a)
+    out = np.empty(a.shape, dtype)
+    mm = _mapped_file(a)
+    if mm is None or a.ndim < 1:
+        out[...] = a
+        return out
+    base = np.frombuffer(mm, np.uint8, count=1).__array_interface__["data"][0]
+    try:
+        pagemap = open("/proc/self/pagemap", "rb", buffering=0)
+    except OSError:  # no way to tell a changed page: nothing is let go
+        pagemap = None
+    with pagemap or contextlib.nullcontext():
+        for y0 in range(0, a.shape[0], rows):
+            part = a[y0:y0 + rows]
+            out[y0:y0 + rows] = part
+            addr = part.__array_interface__["data"][0]
+            first, last = addr // _PAGE, (addr + part.nbytes - 1) // _PAGE
+            if pagemap is not None and _file_pages_only(pagemap, first, last):
+                with contextlib.suppress(OSError, ValueError):  # advice only: refused, it costs memory, not data
+                    mm.madvise(mmap.MADV_DONTNEED, first * _PAGE - base, (last - first + 1) * _PAGE)
+    return out
+
+
+_PAGE = mmap.PAGESIZE
+
+
+def _file_pages_only(pagemap, first: int, last: int) -> bool:
+    """Whether every resident page from ``first`` to ``last`` (page numbers in this process) is
+    the file's page (Linux pagemap bit 61) rather than a private copy made by a write (or swapped)."""
+    pagemap.seek(first * 8)
+    raw = pagemap.read((last - first + 1) * 8)
+    if len(raw) != (last - first + 1) * 8:
+        return False
+    e = np.frombuffer(raw, np.uint64)
+    present, swapped, file = (e >> np.uint64(63)) & 1, (e >> np.uint64(62)) & 1, (e >> np.uint64(61)) & 1
+    return not np.any(swapped == 1) and not np.any((present == 1) & (file == 0))
+
+
+def _mapped_file(a):
+    """The ``mmap.mmap`` a NumPy array's memory belongs to, or None."""
+    while a is not None and not isinstance(a, mmap.mmap):
+        a = getattr(a, "base", None)
+    if a is None or not sys.platform.startswith("linux") or not hasattr(a, "madvise") or a.closed:
+        return None
+    return a
 
 
 def box_any(mask, r: int):
@@ -158,7 +235,10 @@ def _extract(d, snr, bad, *, fwhm, threshold, minarea, sign):
     the S/N map (the PSF convolved once more), centroids refined on the data itself."""
     import sep
 
-    # a difference image holds few sources: a bounded pixel stack, not one sized by the frame
+    # a difference image holds few sources: a bounded pixel stack, not one sized by the frame.
+    # sep allocates and touches the whole stack on every extract, so the setting is put back
+    # after: left at 5 M pixels it cost each 180-px cut-out of host association 0.2 GB of faults.
+    pixstack = sep.get_extract_pixstack()
     sep.set_extract_pixstack(int(min(max(300000, snr.size // 4), 5_000_000)))
     if sign < 0:  # the caller's own working copies: flipped in place and back, not copied
         np.negative(d, out=d)
@@ -172,6 +252,7 @@ def _extract(d, snr, bad, *, fwhm, threshold, minarea, sign):
             objs["x"] = np.where(ok, xw, objs["x"])
             objs["y"] = np.where(ok, yw, objs["y"])
     finally:
+        sep.set_extract_pixstack(pixstack)
         if sign < 0:
             np.negative(d, out=d)
             np.negative(snr, out=snr)
@@ -242,6 +323,10 @@ def detect_candidates(
     move_radius: float | None = None,
     move_tol: float | None = None,
     noise_factor: float | None = None,
+    frame_times=None,
+    frame_groups=None,
+    span=None,
+    max_rate_arcsec_h: float = 400.0,
 ) -> Table:
     """Candidates on a difference image (see module docstring). Radii are px unless named.
 
@@ -251,7 +336,11 @@ def detect_candidates(
     reference (x,y or ra,dec). ``frame_detections``: per-frame detection tables (x,y on this
     grid, or ra,dec) or ``frame_diffs``: per-frame (diff, noise[, mask]) on this grid, for the
     moving flag. ``pixel_scale`` (arcsec/px) defaults to the WCS's; needed without a WCS only for
-    ``ref_match_arcsec``.
+    ``ref_match_arcsec``. With ``frame_times`` (MJD of each frame's mid-exposure), ``span`` (MJD
+    start and end of this stack) and a WCS, the frames may be the whole night's of the field (every
+    filter; ``frame_groups`` names each one's stack) and moving candidates get ``rate_arcsec_h``
+    and ``pa_deg`` (east of north) of their track, up to ``max_rate_arcsec_h``; without times each frame is one time step and a mover may
+    shift by up to ``move_radius`` per step (NaN rate and angle).
     """
     dd, n, bad = _prepared(diff, noise, mask)
     ny, nx = dd.shape
@@ -358,14 +447,26 @@ def detect_candidates(
             o = find_sources(fdiff, fnoise, fmask, fwhm=fwhm, threshold=threshold, minarea=minarea, sign=1,
                              noise_factor=fc)
             frames.append((np.asarray(o["x"]), np.asarray(o["y"])))
-    n_frames, moving = motion(x, y, frames, move_radius, move_tol)
-    moving &= ~negative  # only positive sources are searched in single frames
+    timed = frame_times is not None and span is not None and wcs is not None and pixel_scale is not None
+    n_frames, track = motion(x, y, frames, move_radius, move_tol, r0=max(move_tol, fwhm),
+                             track_tol=max(1.5, 0.5 * fwhm), fit_tol=max(1.0, 0.25 * fwhm), groups=frame_groups,
+                             times=frame_times if timed else None,
+                             span=span if timed else None,
+                             vmax=max_rate_arcsec_h * 24.0 / pixel_scale if timed else None)  # px/day
+    moving = track["moving"] & ~negative  # only positive sources are searched in single frames
+    rate = pa = np.full(m, np.nan)
+    if timed:
+        from gppy_stage.science.moving import rate_and_pa
+
+        rate, pa = rate_and_pa(wcs, track["x0"], track["y0"], track["vx"], track["vy"], per_hour=24.0)
+        rate, pa = np.where(moving, rate, np.nan), np.where(moving, pa, np.nan)
 
     t["flux"], t["fluxerr"] = flux, fluxerr
     t["snr"] = snr
     t["fwhm"] = cand_fwhm
     t["elongation"] = a / np.maximum(b, 1e-3)
     t["n_frames"] = n_frames
+    t["rate_arcsec_h"], t["pa_deg"] = rate, pa
     for name, val in (("near_edge", near_edge), ("near_mask", near_mask), ("dipole", dipole),
                       ("elongated", elongated), ("bad_fwhm", bad_fwhm), ("negative", negative),
                       ("ref_star", ref_star), ("moving", moving)):
@@ -375,41 +476,30 @@ def detect_candidates(
     return t
 
 
-def motion(x, y, frames, radius: float, tol: float) -> tuple[np.ndarray, np.ndarray]:
-    """(frames with a source within ``radius`` of each candidate, moving) from per-frame source
-    positions on the candidates' grid.
+def motion(x, y, frames, radius: float, tol: float, *, r0: float | None = None, track_tol: float | None = None,
+           fit_tol: float | None = None, groups=None, times=None, span=None,
+           vmax: float | None = None) -> tuple[np.ndarray, dict]:
+    """(frames with a source within ``radius`` of each candidate, the track of each:
+    ``science.moving.link_tracks``'s dict) from per-frame source positions on the candidates' grid.
 
-    A source with a counterpart within ``tol`` in every other frame is static (a star, a galaxy,
-    a transient that stays put) and cannot show motion; a candidate moves when the frames'
-    nearest non-static sources within ``radius`` spread by more than ``tol``. Dropping static
-    sources first is what lets whole-frame catalogues serve: a galaxy beside a transient, found
-    in every frame, never pairs with the transient found in only one.
+    Sources found at the same place (within ``tol``) in most frames are static (a star, a galaxy,
+    a transient that stays put) and cannot show motion: dropping them first is what lets
+    whole-frame catalogues serve, so a galaxy beside a transient, found in every frame, never pairs
+    with the transient found in only one. Without ``times`` frame k is at time k, the candidates'
+    span covers every frame and a mover shifts by at most ``radius`` per frame.
     """
+    from gppy_stage.science.moving import link_tracks
+
     m = len(x)
     n_frames = np.zeros(m, int)
-    moving = np.zeros(m, bool)
-    if not frames or m == 0:
-        return n_frames, moving
     frames = [(np.asarray(fx, float), np.asarray(fy, float)) for fx, fy in frames]
-    px = np.full((m, len(frames)), np.nan)
-    py = np.full((m, len(frames)), np.nan)
-    for k, (fx, fy) in enumerate(frames):
-        d, _ = _nearest(x, y, fx, fy, radius)
-        n_frames += np.isfinite(d)
-        static = np.ones(len(fx), bool)
-        for j, (gx, gy) in enumerate(frames):
-            if j != k:
-                static &= np.isfinite(_nearest(fx, fy, gx, gy, tol)[0])
-        keep = ~static if len(frames) > 1 else np.ones(len(fx), bool)
-        _, j = _nearest(x, y, fx[keep], fy[keep], radius)
-        hit = j >= 0
-        px[hit, k], py[hit, k] = fx[keep][j[hit]], fy[keep][j[hit]]
-    for i in range(m):
-        ok = np.isfinite(px[i])
-        if ok.sum() >= 2:
-            spread = np.hypot(px[i, ok][:, None] - px[i, ok][None], py[i, ok][:, None] - py[i, ok][None])
-            moving[i] = spread.max() > tol
-    return n_frames, moving
+    for fx, fy in frames:
+        n_frames += np.isfinite(_nearest(x, y, fx, fy, radius)[0])
+    if times is None:
+        times, span, vmax = np.arange(len(frames), dtype=float), (0.0, max(len(frames) - 1.0, 0.0)), radius
+    track = link_tracks(x, y, span, frames, times, vmax=vmax, tol=track_tol or tol, r0=r0 or tol, static_tol=tol,
+                        fit_tol=fit_tol, groups=groups)
+    return n_frames, track
 
 
 APERTURE_KEYS = ("APER", "APER_1", "APER_2", "APER_3", "APER_4", "APER_5")
@@ -466,6 +556,7 @@ def _finish(t: Table, wcs, zp, threshold, empty=False) -> Table:
         for c in ("flux", "fluxerr", "snr", "fwhm", "elongation"):
             t[c] = np.zeros(0)
         t["n_frames"] = np.zeros(0, int)
+        t["rate_arcsec_h"], t["pa_deg"] = np.zeros(0), np.zeros(0)
         for name in FLAG_BITS:
             t[name] = np.zeros(0, bool)
     if wcs is not None and m:
@@ -483,7 +574,7 @@ def _finish(t: Table, wcs, zp, threshold, empty=False) -> Table:
     t["flags"] = bits
     t["score"] = candidate_score(t, threshold)
     order = ["id", "ra", "dec", "x", "y", "mag", "magerr", "flux", "fluxerr", "snr", "fwhm", "elongation",
-             "n_frames", *FLAG_BITS, "flags", "score"]
+             "n_frames", "rate_arcsec_h", "pa_deg", *FLAG_BITS, "flags", "score"]
     t = t[order]
     t.meta["FLAGBITS"] = ",".join(f"{k}={v}" for k, v in FLAG_BITS.items())
     t.meta["ZP"] = zp
