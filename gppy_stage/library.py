@@ -1,4 +1,4 @@
-"""The master library: masters under ``master_frame/<unit>/{zero,dark,flat}/`` and their index.
+"""The master library: masters under ``master_frame/<unit>/{zero,dark,flat,fringe}/`` and their index.
 
 The index is the set of sidecars (``<master>.fits.json``) the masters stage writes beside each
 master: one object per master, so masters of different calibration sets can be written at once
@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 from . import log, storage
 from .config import settings
+from .names import master_name
 
-KINDS = ("zero", "dark", "flat")
+KINDS = ("zero", "dark", "flat")  # what every science frame needs (the planner asks for each)
+FRINGE = "fringe"  # master fringe frames, per band, only for the bands a site defringes
 _log = log.get("library")
 
 
@@ -70,7 +72,7 @@ def choose(candidates: list[Master], *, kind: str, mjd: float, binning: int, gai
         m for m in candidates
         if m.kind == kind and m.verdict != "bad" and m.key not in exclude and m.binning == binning
         and (gain is None or m.gain is None or m.gain == gain)
-        and (kind != "flat" or m.filter == filt)
+        and (kind not in ("flat", FRINGE) or m.filter == filt)
         and abs(m.mjd - mjd) <= window
     ]
     if not ok:
@@ -85,3 +87,11 @@ def choose(candidates: list[Master], *, kind: str, mjd: float, binning: int, gai
 
 def find(root: str, unit: str, kind: str, **query) -> Master | None:
     return choose(index(root, unit, kind), kind=kind, **query)
+
+
+def fringe_name(unit: str, night_date: str, binning: int, gain: int | None, filt: str, too: bool = False) -> str:
+    """``master_frame/<unit>/fringe/fringe_<unit>_<YYYYMMDD>_<filter>_<b>x<b>[_gain<g>].fits``: a
+    flat's name in the fringe folder (one master fringe per night, band, binning and gain)."""
+    flat = master_name("flat", unit, night_date, binning, gain, filt=filt, too=too)
+    folder, name = flat.rsplit("/", 1)
+    return f"{folder.rsplit('/', 1)[0]}/{FRINGE}/{FRINGE}{name[len('flat'):]}"

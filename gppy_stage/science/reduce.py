@@ -26,9 +26,17 @@ class Calibrated:
     mask: object  # uint8 bit flags
 
 
-def overscan_level(raw, biassec: tuple[slice, slice], xp=numpy) -> float:
-    """Median of the overscan region (frames of CCDs with an overscan, e.g. SAAO, NOT)."""
-    return float(xp.median(raw[biassec]))
+def empty_reason(raw, step: int = 8) -> str | None:
+    """Why a raw frame holds no image (every sampled pixel NaN, or all one value), or None.
+    From every ``step``-th row and column: cheap on 61-Mpix frames, and an empty readout is empty
+    everywhere."""
+    sample = numpy.asarray(raw[::step, ::step], dtype=numpy.float64)
+    finite = sample[numpy.isfinite(sample)]
+    if not finite.size:
+        return "has no finite pixel (all NaN or infinite)"
+    if finite.min() == finite.max():
+        return f"has every pixel at {finite.min():g} ADU (an empty readout)"
+    return None
 
 
 def calibrate(raw, *, bias=None, dark=None, dark_exptime: float | None = None, exptime: float = 0.0,
@@ -133,11 +141,3 @@ def _astroscrappy_in_strips(work, bad, kw: dict, workers: int, strip_rows: int):
         list(pool.map(one, strips(work.shape[0], strip_rows)))  # list(): a strip's error is raised here
     return crmask, cleaned
 
-
-def parse_section(text: str) -> tuple[slice, slice]:
-    """A FITS section ``[x1:x2,y1:y2]`` (1-based, inclusive) as numpy (row, column) slices."""
-    body = str(text).strip().strip("[]").replace(" ", "")
-    xs, ys = body.split(",")
-    x1, x2 = (int(v) for v in xs.split(":"))
-    y1, y2 = (int(v) for v in ys.split(":"))
-    return slice(min(y1, y2) - 1, max(y1, y2)), slice(min(x1, x2) - 1, max(x1, x2))

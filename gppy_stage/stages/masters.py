@@ -16,14 +16,15 @@ import numpy as np
 from astropy.io import fits
 from astropy.time import Time
 
-from .. import __version__, config, library, log, storage
+from .. import __version__, config, library, log, names, storage
 from ..errors import BadInputError
 from ..fitsio import RawFrame, open_raw, put_hdul, read_hdul
 from ..headers import normalise
-from ..science import frame_qa
+from ..science import fringe, frame_qa, overscan
 from ..science.combine import clipped_stats, sigma_clipped_median
 from ..xp import device_name, get_xp, to_numpy
 from .base import Night, Timer, input_hash, is_done, product_identity, write_sidecar
+from .reduce import calibrated, defringe_settings, overscan_settings, resolve_masters
 
 _log = log.get("masters")
 
@@ -145,6 +146,8 @@ class _Masters:
         used = [product_identity(ctx, support[k]) for k in ("zero", "dark") if k in support]
         settings = {k: self.cfg[k] for k in ("sigma", "iterations")} | {"qa": self.cfg["qa"]} | \
             {"instrument": dataclasses.asdict(config.instrument(cs["unit"]))}
+        if overscan_settings(cs["unit"]) is not None:  # none for 7DT: its hashes stay as they were
+            settings["overscan"] = overscan_settings(cs["unit"])
         work = input_hash(f"masters/{kind}", inputs + [support] + used, settings)
         url = ctx.url(output)
         if is_done(url, work, ctx.force):
@@ -154,7 +157,10 @@ class _Masters:
         bias = self._load(support["zero"]) if "zero" in support else None
         dark = self._load(support["dark"]) if "dark" in support else None
         with contextlib.ExitStack() as stack:
-            opened = [stack.enter_context(open_raw(ctx.url(k))) for k in entry["frames"]]
+            fit_order = config.settings("overscan")["fit_order"]
+            # overscan-subtracted and trimmed as the science frames will be, so the shapes agree
+            opened = [overscan.prepare(f, _observation(f), fit_order)
+                      for f in (stack.enter_context(open_raw(ctx.url(k))) for k in entry["frames"])]
             kept, levels, rejected = self._screen(kind, entry["frames"], opened, bias, dark,
                                                   support.get("dark_exptime"))
             frames = [opened[entry["frames"].index(k)] for k in kept]
@@ -188,6 +194,8 @@ class _Masters:
             if kind == "zero":
                 extra["EXPTIME"] = 0.0
             qa = _qa(kind, image, config.instrument(cs["unit"]), levels)
+            if isinstance(frames[0], overscan.Prepared):
+                extra.update({k: v for k, v in frames[0].cards(fit_order).items() if k != "OVERSCAN"})
             for name, key in (("zero", "MASTBIAS"), ("dark", "MASTDARK")):
                 if name in support:
                     extra[key] = storage.basename(support[name])
@@ -249,6 +257,89 @@ class _Masters:
                                 f"{need}): {named}", rejected)
         return kept, levels, rejected
 
+    def fringe(self, filt: str, science: list[dict], cfg: dict) -> dict:
+        """The master fringe frame of one band from the night's science frames of this set's
+        binning and gain (science/fringe.py), with its scale pairs as a PAIRS table."""
+        ctx, cs = self.ctx, self.calset
+        night = names.parse_night(cs["night"], config.site(cs["unit"]).night_folder)
+        output = library.fringe_name(cs["unit"], night.date, cs["binning"], cs["gain"], filt, too=night.too)
+        chosen = sorted(science, key=lambda f: f["mjd"])[: int(cfg["max_frames"])]
+        used = {f["id"]: resolve_masters(ctx, f) for f in chosen}
+        support = sorted({k for m in used.values() for k in m.values()})
+        inputs = [{"key": f["raw"], "size": self.sizes.get(f["raw"])} for f in chosen]
+        settings = {"defringe": cfg, "overscan": overscan_settings(cs["unit"]), "reduce": config.settings("reduce"),
+                    "sigma": self.cfg["sigma"], "iterations": self.cfg["iterations"]}
+        work = input_hash("masters/fringe", inputs + [product_identity(ctx, k) for k in support], settings)
+        url = ctx.url(output)
+        if is_done(url, work, ctx.force):
+            log.event(_log, "already made from the same inputs and settings", master=output)
+            return {"kind": library.FRINGE, "output": output, "skipped": True}
+        timer = Timer()
+        relative, kept, mjds, rejected = [], [], [], []
+        for f in chosen:
+            try:
+                cal, _, _ = calibrated(ctx, f, used[f["id"]])
+                relative.append(fringe.relative_sky(np.where(cal.mask == 0, cal.data, np.nan))[0])
+            except (BadInputError, ValueError) as exc:  # the frame is named again, and quarantined, by reduce
+                reason = getattr(exc, "reason", str(exc))
+                rejected.append({"file": f["raw"], "reason": reason})
+                log.event(_log, "frame left out of the master fringe", level=30, file=f["raw"], reason=reason)
+                continue
+            kept.append(f["raw"])
+            mjds.append(f["mjd"])
+        if len(kept) < int(cfg["min_frames"]):
+            raise BadInputError(f"only {len(kept)} {filt} frames could be calibrated for the master fringe "
+                                f"(it needs {cfg['min_frames']})")
+        image = fringe.build_master(relative, sigma=self.cfg["sigma"], iterations=self.cfg["iterations"])
+        del relative
+        pairs = fringe.choose_pairs(image, grid=int(cfg["grid"]), box=int(cfg["box"]))
+        mjd = float(np.mean(mjds))
+        header = fits.Header()
+        header["IMAGETYP"] = "FRINGE"
+        header["OBSTYPE"] = ("master fringe", "gppy-stage master frame")
+        header["FILTER"] = filt
+        header["MJD"] = (mjd, "mean MJD of the inputs")
+        header["DATE-OBS"] = (Time(mjd, format="mjd").isot, "mean time of the inputs")
+        header["BUNIT"] = ("sky", "fringe as a fraction of the sky, median 0")
+        header["XBINNING"] = header["YBINNING"] = cs["binning"]
+        header["NCOMBINE"] = (len(kept), "science frames combined")
+        header["NPAIRS"] = (len(pairs), "bright/dark pairs the scale is measured on")
+        header["PIPEVER"] = (__version__, "gppy-stage version")
+        header["CALSET"] = cs["id"]
+        for i, key in enumerate(kept):
+            header[f"INPUT{i + 1:03d}"] = storage.basename(key)
+        table = fits.BinTableHDU.from_columns(
+            [fits.Column(name=n, format="J", array=pairs[:, i]) for i, n in enumerate(("YBRIGHT", "XBRIGHT", "YDARK", "XDARK"))],
+            name="PAIRS")
+        put_hdul(url, fits.HDUList([fits.PrimaryHDU(image, header), table]))
+        write_sidecar(url, work, kind=library.FRINGE, unit=cs["unit"], night=cs["night"], calset=cs["id"], mjd=mjd,
+                      binning=cs["binning"], gain=cs["gain"], camera=cs["camera"], exptime=None, filter=filt,
+                      qa={"verdict": "good", "reasons": []}, inputs=kept, rejected=rejected, support=support)
+        log.event(_log, "master made", master=output, ncombine=len(kept), pairs=len(pairs), seconds=timer.seconds)
+        return {"kind": library.FRINGE, "output": output, "ncombine": len(kept), "rejected": rejected,
+                "seconds": timer.seconds}
+
+
+def _fringe_bands(ctx: Night, cs: dict) -> list[tuple[str, list[dict], dict]]:
+    """The bands of tonight's science frames (of this set's binning, gain and camera) that the
+    site defringes, with those frames, when there are enough of them for a master."""
+    by_band: dict[str, list[dict]] = {}
+    for f in ctx.plan()["frames"]:
+        if (f["binning"], f["gain"], f["camera"]) == (cs["binning"], cs["gain"], cs["camera"]):
+            by_band.setdefault(f["filter"], []).append(f)
+    out = []
+    for filt, frames in sorted(by_band.items(), key=lambda kv: str(kv[0])):
+        cfg = defringe_settings(cs["unit"], filt)
+        if cfg is None:
+            continue
+        if len(frames) < int(cfg["min_frames"]):
+            log.event(_log, "too few frames for a master fringe tonight: the library's is used", filter=filt,
+                      frames=len(frames), need=cfg["min_frames"])
+            continue
+        out.append((filt, frames, cfg))
+    return out
+
+
 class _TooFewInputs(BadInputError):
     """Too few inputs of a master passed per-frame QA; carries the rejected ones."""
 
@@ -277,6 +368,13 @@ def run(ctx: Night, calset: str) -> dict:
             failed.append({**exc.as_record(), "kind": kind, "output": entry["output"],
                            "rejected": getattr(exc, "rejected", [])})
             log.event(_log, "master not made", master=entry["output"], reason=exc.reason)
+    # after the flats: the science frames of a fringing band are flat-fielded before they combine
+    for filt, frames, cfg in _fringe_bands(ctx, cs):
+        try:
+            results.append(maker.fringe(filt, frames, cfg))
+        except BadInputError as exc:
+            failed.append({**exc.as_record(), "kind": library.FRINGE, "output": filt, "rejected": []})
+            log.event(_log, "master not made", master=f"fringe {filt}", reason=exc.reason)
     if failed and not results:
         raise BadInputError(f"no master of calibration set {calset} could be made: {failed[0]['reason']}")
     return {"calset": calset, "masters": results, "failed": failed}

@@ -15,13 +15,8 @@ from .. import __version__, config, library, log, storage
 from ..errors import BadInputError
 from ..fitsio import clean_header, open_raw, put_hdul, read_hdul
 from ..headers import normalise
-from ..science.reduce import (
-    MASK_BITS,
-    calibrate,
-    overscan_level,
-    parse_section,
-    remove_cosmic_rays,
-)
+from ..science import fringe, overscan
+from ..science.reduce import MASK_BITS, Calibrated, calibrate, empty_reason, remove_cosmic_rays
 from ..xp import device_name, get_xp, to_numpy
 from .base import (
     Night,
@@ -72,40 +67,121 @@ def product(data, variance, mask, header: fits.Header) -> fits.HDUList:
     ])
 
 
+def overscan_settings(unit: str) -> dict | None:
+    """The overscan settings a unit's products depend on: none for 7DT (CMOS, no overscan), so its
+    hashes, and so its products, stay what they were."""
+    return None if config.site(unit).header_dialect == "tcspy" else config.settings("overscan")
+
+
+def defringe_settings(unit: str, filt: str | None) -> dict | None:
+    """The defringe settings when ``unit`` defringes band ``filt`` (pipeline.yaml ``defringe.bands``)."""
+    cfg = config.settings("defringe")
+    return cfg if filt in (cfg.get("bands") or {}).get(unit, ()) else None
+
+
+def _binning(header: fits.Header) -> tuple[int, int]:
+    return int(header.get("XBINNING", 1)), int(header.get("YBINNING", header.get("XBINNING", 1)))
+
+
+def calibrated(ctx: Night, entry: dict, masters: dict[str, str], xp=np) -> tuple[Calibrated, fits.Header, float]:
+    """One science frame: overscan and trim (where its header names them), bias, dark and flat.
+    Returns the calibration, the frame's normalised header (WCS moved by the trim, the overscan
+    recorded) and its gain. A frame that holds no image, or whose masters are of another binning
+    or shape, is bad input, said with the reason."""
+    reg = config.instrument(ctx.unit)
+    cfg = config.settings("reduce")
+    ov = overscan_settings(ctx.unit) or config.settings("overscan")
+    raw_url = ctx.url(entry["raw"])
+    loaded = {kind: _load_master(ctx, masters[kind]) for kind in ("zero", "dark", "flat")}
+    with open_raw(raw_url) as raw:
+        header = normalise(raw.header, raw_url)
+        view = overscan.prepare(raw, header, ov["fit_order"])
+        pixels = view.all()
+    why = empty_reason(pixels)
+    if why:
+        raise BadInputError(f"science frame {why}: nothing to calibrate", path=raw_url)
+    for kind, (image, mheader) in loaded.items():
+        if "XBINNING" in mheader and _binning(mheader) != _binning(header):
+            raise BadInputError(f"master {kind} {storage.basename(masters[kind])} is {'x'.join(map(str, _binning(mheader)))} "
+                                f"binned, the frame {'x'.join(map(str, _binning(header)))}", path=raw_url)
+        if image.shape != pixels.shape:
+            raise BadInputError(f"frame is {pixels.shape[1]}x{pixels.shape[0]} after trimming, master {kind} "
+                                f"{storage.basename(masters[kind])} is {image.shape[1]}x{image.shape[0]}", path=raw_url)
+    (bias, _), (dark, dark_header), (flat, _) = loaded["zero"], loaded["dark"], loaded["flat"]
+    gain = float(header.get("EGAIN", reg.gain))
+    level = view.mean_level if view is not raw else 0.0
+    cal = calibrate(
+        xp.asarray(pixels), bias=xp.asarray(bias), dark=xp.asarray(dark), dark_exptime=float(dark_header["EXPTIME"]),
+        exptime=float(header["EXPTIME"]), flat=xp.asarray(flat), gain=gain, rdnoise=reg.rdnoise,
+        # the detector saturates in raw ADU; the overscan was taken off before the comparison
+        saturation=reg.saturation - level,
+        bad_flat=(cfg["bad_flat_low"], cfg["bad_flat_high"]), hot_dark_rate=cfg["hot_dark_rate"], xp=xp,
+    )
+    if view is not raw:
+        for key, card in view.cards(ov["fit_order"]).items():
+            header[key] = card
+        overscan.shift_wcs(header, view.layout)
+    return cal, header, gain
+
+
+def _find_fringe(ctx: Night, entry: dict, cfg: dict) -> str | None:
+    found = library.find(ctx.root, ctx.unit, library.FRINGE, mjd=entry["mjd"], binning=entry["binning"],
+                         gain=entry["gain"], filt=entry["filter"], validity_days=float(cfg["validity_days"]))
+    return found.key if found else None
+
+
+def load_fringe(ctx: Night, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """A master fringe frame and its scale pairs (the PAIRS table the masters stage wrote)."""
+    with read_hdul(ctx.url(key)) as hdul:
+        pairs = hdul["PAIRS"].data
+        return (np.asarray(hdul[0].data, dtype=np.float32),
+                np.stack([pairs[c] for c in ("YBRIGHT", "XBRIGHT", "YDARK", "XDARK")], axis=1).astype(np.int64))
+
+
+def _defringe(ctx: Night, data, mask, key: str, cfg: dict, header: fits.Header, xp):
+    """Subtract the scaled master fringe frame; the scale goes in the header as FRINGSCL."""
+    master, pairs = load_fringe(ctx, key)
+    if master.shape != tuple(data.shape):
+        raise BadInputError(f"master fringe {storage.basename(key)} is {master.shape[1]}x{master.shape[0]}, "
+                            f"the frame {data.shape[1]}x{data.shape[0]}")
+    host = np.where(to_numpy(mask) == 0, to_numpy(data), np.nan)  # masked pixels must not pull a pair's median
+    value = fringe.scale(host, master, pairs, box=int(cfg["box"]))
+    header["MASTFRNG"] = storage.basename(key)
+    header["FRINGSCL"] = (round(value, 4), "ADU per unit of the master fringe subtracted")
+    return data - xp.asarray(master) * xp.float32(value), value
+
+
 def run(ctx: Night, frame: str) -> dict:
     entry = ctx.item("frame", frame)
     masters = resolve_masters(ctx, entry)
     reg = config.instrument(ctx.unit)
     cfg = config.settings("reduce")
     output_url = ctx.url(entry["output"])
-    raw_url = ctx.url(entry["raw"])
+    settings = cfg | {"instrument": dataclasses.asdict(reg)}
+    if overscan_settings(ctx.unit) is not None:
+        settings["overscan"] = overscan_settings(ctx.unit)
+    fringe_cfg = defringe_settings(ctx.unit, entry.get("filter"))
+    fringe_key = _find_fringe(ctx, entry, fringe_cfg) if fringe_cfg else None
+    used = [product_identity(ctx, k) for k in masters.values()]
+    if fringe_cfg:
+        settings["defringe"] = fringe_cfg
+        used.append(product_identity(ctx, fringe_key) if fringe_key else None)
     # the masters' own hashes and the instrument's numbers are inputs too: a master remade under
     # the same name, or a corrected gain, makes the frame redo
-    work = input_hash("reduce", [entry["raw"], [product_identity(ctx, k) for k in masters.values()]],
-                      cfg | {"instrument": dataclasses.asdict(reg)})
+    work = input_hash("reduce", [entry["raw"], used], settings)
     if is_done(output_url, work, ctx.force):
         log.event(_log, "already reduced from the same inputs and settings", frame=frame)
         return {"frame": frame, "output": entry["output"], "skipped": True}
     timer = Timer()
     xp = get_xp()
-    bias, _ = _load_master(ctx, masters["zero"])
-    dark, dark_header = _load_master(ctx, masters["dark"])
-    flat, _ = _load_master(ctx, masters["flat"])
-    with open_raw(raw_url) as raw:
-        header = normalise(raw.header, raw_url)
-        pixels = raw.all()
-    if pixels.shape != bias.shape or pixels.shape != flat.shape:
-        raise BadInputError(f"frame is {pixels.shape[1]}x{pixels.shape[0]}, masters are {bias.shape[1]}x{bias.shape[0]}",
-                            path=raw_url)
-    gain = float(header.get("EGAIN", reg.gain))
-    exptime = float(header["EXPTIME"])
-    cal = calibrate(
-        xp.asarray(pixels), bias=xp.asarray(bias), dark=xp.asarray(dark), dark_exptime=float(dark_header["EXPTIME"]),
-        exptime=exptime, flat=xp.asarray(flat), gain=gain, rdnoise=reg.rdnoise, saturation=reg.saturation,
-        bad_flat=(cfg["bad_flat_low"], cfg["bad_flat_high"]), hot_dark_rate=cfg["hot_dark_rate"], xp=xp,
-    )
-    del pixels, bias, dark, flat  # 61-Mpix frames: keep only what is written
+    cal, header, gain = calibrated(ctx, entry, masters, xp)
     data, mask = cal.data, cal.mask
+    scale = None
+    if fringe_key:
+        data, scale = _defringe(ctx, data, mask, fringe_key, fringe_cfg, header, xp)
+    elif fringe_cfg:
+        log.event(_log, "no master fringe for this band in the library: not defringed", level=30, frame=frame,
+                  filter=entry["filter"])
     ncr = 0
     if cfg["cosmic_rays"]["enabled"]:  # on the device the frame is on: no round trip for the GPU
         cr = cfg["cosmic_rays"]
@@ -131,10 +207,11 @@ def run(ctx: Night, frame: str) -> dict:
     header["GPHASH"] = (work, "hash of inputs and settings")
     header["GPDEVICE"] = (device_name(xp), "array backend of the reduction")
     put_hdul(output_url, product(data, variance, mask, header))
-    write_sidecar(output_url, work, frame=frame, raw=entry["raw"], masters=masters, ncr=ncr)
+    extra = {"fringe": fringe_key, "fringe_scale": scale} if fringe_cfg else {}
+    write_sidecar(output_url, work, frame=frame, raw=entry["raw"], masters=masters, ncr=ncr, **extra)
     log.event(_log, "reduced", frame=frame, output=entry["output"], cosmic_ray_pixels=ncr, seconds=timer.seconds)
     return {"frame": frame, "output": entry["output"], "masters": masters, "cosmic_ray_pixels": ncr,
-            "seconds": timer.seconds}
+            "seconds": timer.seconds, **extra}
 
 
 def reduce_file(url: str, out_url: str, obs: str | None = None, cosmic_rays: bool = True) -> dict:
@@ -142,9 +219,11 @@ def reduce_file(url: str, out_url: str, obs: str | None = None, cosmic_rays: boo
     variance and cosmic rays, with no masters. For a quick look at a frame and for checking how a
     new telescope's headers normalise."""
     cfg = config.settings("reduce")
+    fit_order = config.settings("overscan")["fit_order"]
     with open_raw(url) as raw:
         header = normalise(raw.header, url)
-        pixels = raw.all()
+        view = overscan.prepare(raw, header, fit_order)
+        pixels = view.all()
         index = raw.index
     if index:
         # A tile-compressed or multi-extension file: the primary header has the observation keys,
@@ -159,22 +238,13 @@ def reduce_file(url: str, out_url: str, obs: str | None = None, cosmic_rays: boo
     gain = float(header.get("EGAIN", reg.gain if reg else 1.0))
     rdnoise = float(header.get("RDNOISE", reg.rdnoise if reg else 5.0))
     saturation = float(header.get("SATURATE", reg.saturation if reg else 65535))
-    bias_level = None
-    if "BIASSEC" in header:
-        try:
-            bias_level = overscan_level(pixels, parse_section(header["BIASSEC"]))
-        except (ValueError, IndexError):
-            raise BadInputError(f"BIASSEC {header['BIASSEC']!r} is not a section of this image", path=url) from None
-    cal = calibrate(pixels - (bias_level or 0.0), gain=gain, rdnoise=rdnoise, saturation=saturation - (bias_level or 0.0))
-    data, mask = cal.data, cal.mask
-    if "TRIMSEC" in header:
-        try:
-            rows, cols = parse_section(header["TRIMSEC"])
-        except (ValueError, IndexError):
-            raise BadInputError(f"TRIMSEC {header['TRIMSEC']!r} is not a section of this image", path=url) from None
-        data, mask, variance = data[rows, cols], mask[rows, cols], cal.variance[rows, cols]
-    else:
-        variance = cal.variance
+    level = view.mean_level if view is not raw else 0.0
+    cal = calibrate(pixels, gain=gain, rdnoise=rdnoise, saturation=saturation - level)
+    data, mask, variance = cal.data, cal.mask, cal.variance
+    if view is not raw:
+        for key, card in view.cards(fit_order).items():
+            header[key] = card
+        overscan.shift_wcs(header, view.layout)
     ncr = 0
     if cosmic_rays and header["IMAGETYP"] == "LIGHT":
         cr = cfg["cosmic_rays"]
@@ -184,10 +254,8 @@ def reduce_file(url: str, out_url: str, obs: str | None = None, cosmic_rays: boo
         ncr = int(crmask.sum())
     for key in ("NAXIS1", "NAXIS2", "BZERO", "BSCALE", "BITPIX"):
         header.remove(key, ignore_missing=True)
-    if bias_level is not None:
-        header["OVERSCAN"] = (round(bias_level, 3), "overscan level subtracted (ADU)")
     header["NCRPIX"] = (ncr, "pixels flagged as cosmic rays")
     header["PIPEVER"] = (__version__, "gppy-stage version")
     put_hdul(out_url, product(data, variance, mask, header))
     return {"input": url, "output": out_url, "imagetyp": header["IMAGETYP"], "filter": header.get("FILTER"),
-            "overscan": bias_level, "cosmic_ray_pixels": ncr, "shape": list(np.shape(data))}
+            "overscan": header.get("OVERSCAN"), "cosmic_ray_pixels": ncr, "shape": list(np.shape(data))}
