@@ -166,15 +166,24 @@ def header_rules() -> dict[str, Any]:
     return _yaml(str(config_dir()), "header_rules.yaml")
 
 
-def settings(section: str | None = None, file: str = "pipeline.yaml") -> dict[str, Any]:
-    """Settings of a YAML file in the configuration folder (``pipeline.yaml`` by default, or
-    ``subtract.yaml`` for stacking, subtraction, detection and notification), or one section."""
-    data = _yaml(str(config_dir()), file)
+# the pipeline's settings files; a section is found by its name alone, in the first that has it
+SETTINGS_FILES = ("pipeline.yaml", "subtract.yaml")
+
+
+def settings(section: str | None = None, file: str | None = None) -> dict[str, Any]:
+    """One section of the pipeline's settings by name (``masters``, ``reduce``, ``overscan``,
+    ``defringe``, ``plan`` in pipeline.yaml; ``stack``, ``reference``, ``subtract``, ``detect``,
+    ``completeness``, ``curate``, ``notify`` in subtract.yaml), or all of one file (``file``,
+    pipeline.yaml by default). The one source of every tunable: code reads it without defaults."""
+    folder = str(config_dir())
     if section is None:
-        return data
-    if section not in data:
-        raise ConfigError(f"{file} has no section {section!r}")
-    return data[section]
+        return _yaml(folder, file or SETTINGS_FILES[0])
+    names = (file,) if file else SETTINGS_FILES
+    for name in names:
+        data = _yaml(folder, name)
+        if section in data:
+            return data[section]
+    raise ConfigError(f"no section {section!r} in {' or '.join(names)}", path=folder)
 
 
 def settings_hash(obj: Any) -> str:

@@ -13,7 +13,6 @@ usable frame raises BadInputError: the runner flags the stack and the night goes
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from datetime import datetime
@@ -22,6 +21,7 @@ import numpy as np
 from astropy.io import fits
 
 from .. import __version__, config, log, storage
+from ..config import settings  # noqa: F401  (the stages that import it from here: one function, config's)
 from ..errors import BadInputError
 from ..fitsio import clean_header, put_hdul
 from ..report import read_header
@@ -37,12 +37,6 @@ FRAME_STAGES = ("reduce", "astrometry", "photometry")
 CARRY_KEYS = ("OBJECT", "FILTER", "IMAGETYP", "TELESCOP", "INSTRUME", "GAIN", "XBINNING", "YBINNING", "XPIXSZ",
               "YPIXSZ", "FOCALLEN", "OBSERVAT", "SITELAT", "SITELONG", "SITEELEV", "OBJCTRA", "OBJCTDEC", "RA", "DEC",
               "RDNOISE", "REFCAT")
-
-
-@functools.lru_cache(maxsize=None)
-def settings(section: str) -> dict:
-    """One section of ``config/subtract.yaml`` (stack, reference, subtract, detect, curate, notify)."""
-    return config.settings(section, file="subtract.yaml")
 
 
 def stem(key: str) -> str:
@@ -158,7 +152,7 @@ def product(out: sw.SwarpResult, header: fits.Header) -> fits.HDUList:
 
 def run(ctx: Night, stack: str) -> dict:
     entry = ctx.item("stack", stack)
-    cfg = settings("stack")
+    cfg = config.settings("stack")
     frames = {f["id"]: f for f in ctx.plan()["frames"]}
     output_url = ctx.url(entry["output"])
     timer = Timer()
@@ -198,7 +192,7 @@ def run(ctx: Night, stack: str) -> dict:
         scales = [sk.flux_scale(i.zp, common) for i in infos]
         for index, scale in enumerate(scales):
             coadd.set_keys(index, {"FLXSCALE": scale})
-        options = {"NTHREADS": int(cfg.get("nthreads", 0))} | dict(cfg.get("swarp") or {})
+        options = {"NTHREADS": int(cfg["nthreads"])} | dict(cfg.get("swarp") or {})
         out = coadd.run(options)
     first = checked[0][1]
     header = out.header.copy()

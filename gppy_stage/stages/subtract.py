@@ -27,6 +27,7 @@ import numpy as np
 from astropy.io import fits
 
 from .. import __version__, log, names, storage
+from ..config import settings
 from ..errors import BadInputError, ConfigError
 from ..fitsio import put_hdul, read_hdul
 from ..headers import plausible_gain
@@ -34,7 +35,7 @@ from ..science.subtract import subtract as subtract_images
 from ..tools import swarp as sw
 from ..xp import device_name, get_xp
 from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
-from .stack import settings, zero_point
+from .stack import zero_point
 
 _log = log.get("subtract")
 
@@ -97,7 +98,7 @@ def reference_on_grid(ref: np.ndarray, ref_header: fits.Header, grid_header: fit
     good = np.isfinite(ref)
     item = sw.SwarpInput(data=np.where(good, ref, 0.0), header=ref_header,
                          weight=np.where(good, 1.0 if weight is None else weight, 0.0))
-    out = sw.resample(item, grid_header, shape, {"NTHREADS": int(settings("stack").get("nthreads", 0))})
+    out = sw.resample(item, grid_header, shape, {"NTHREADS": int(settings("stack")["nthreads"])})
     covered = out.weight > 0
     img = np.where(covered, out.image * scale, 0.0).astype(np.float32)
     rvar = None
