@@ -149,12 +149,12 @@ def load_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
-        raise ConfigError(f"cannot read ({exc.strerror or exc})", path=str(path)) from None
+        raise ConfigError(f"cannot read ({exc.strerror or exc})", path=str(path)) from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}not valid YAML ({what})", path=str(path)) from None
+        raise ConfigError(f"{where}not valid YAML ({what})", path=str(path)) from exc
     if data is None:
         return {}
     if not isinstance(data, dict):

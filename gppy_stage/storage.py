@@ -393,7 +393,7 @@ def _put_local(url: str, write) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{scratch.owner()}.", dir=path.parent)
         os.close(fd)
     except OSError as exc:
-        raise _write_error(exc, url) from None
+        raise _write_error(exc, url) from exc
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; products follow the umask
@@ -402,7 +402,7 @@ def _put_local(url: str, write) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise _write_error(exc, url) from None
+            raise _write_error(exc, url) from exc
         raise
 
 

@@ -42,3 +42,12 @@ def test_a_folder_of_ones_own_is_read(tmp_path, monkeypatch):
     before = config.settings("stack")["nthreads"]
     monkeypatch.setenv("GPPY_CONFIG", str(folder))
     assert (before, config.settings("stack")["nthreads"]) == (2, 3)
+
+
+def test_a_broken_file_is_one_line_that_keeps_its_cause(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("masters:\n  qa: [1, 2\n")
+    with pytest.raises(ConfigError) as info:
+        config.load_yaml(path)
+    assert str(info.value).startswith(f"{path}: line ") and "\n" not in str(info.value)
+    assert isinstance(info.value.__cause__, yaml.YAMLError)  # the parser's context, for the stage log

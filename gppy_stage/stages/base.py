@@ -51,7 +51,7 @@ class Night:
                 plan = json.loads(storage.get_bytes(url))
             except (ValueError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"plan.json is not valid JSON ({exc}): plan again with `gppy stage plan` "
-                                  f"(`gppy night run` re-plans by itself)", path=url) from None
+                                  f"(`gppy night run` re-plans by itself)", path=url) from exc
             if not isinstance(plan, dict) or plan.get("schema") != PLAN_SCHEMA:
                 schema = plan.get("schema") if isinstance(plan, dict) else type(plan).__name__
                 raise ConfigError(f"plan.json has schema {schema!r}, expected {PLAN_SCHEMA}: plan again with "

@@ -248,7 +248,7 @@ def make_plan(root: str, unit: str, night: str) -> dict:
                 hdr, notes = _read_header(obj, by_key)
                 info = frame_info(hdr, obj.url, obj.size, site=site)
             except (ValueError, TypeError, KeyError) as exc:  # a header value that cannot be what it says
-                raise BadInputError(f"unreadable header ({type(exc).__name__}: {exc})", path=obj.url) from None
+                raise BadInputError(f"unreadable header ({type(exc).__name__}: {exc})", path=obj.url) from exc
         except RetriableError:
             raise  # the store hiccuped: the plan is retried, the frame is not lost
         except GppyError as exc:
