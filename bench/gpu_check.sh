@@ -24,7 +24,11 @@ free -g | head -2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 say "install"
-"$PY" -m pip install -q --disable-pip-version-check -e '.[gpu,test]' 2>&1 | tail -3
+# offline (a lent machine reaches nothing outside), pip can still install the package itself on
+# what is there; the check then goes on and says what is missing rather than stop here
+pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@" -e '.[gpu,test]' >>"$OUT_DIR/pip.log" 2>&1; }
+: >"$OUT_DIR/pip.log"
+pip_install || pip_install --no-build-isolation --no-deps || { echo "pip install failed (offline?): going on with what is installed"; tail -3 "$OUT_DIR/pip.log"; }
 missing=""
 for b in source-extractor scamp missfits; do command -v "$b" >/dev/null || missing="$missing $b"; done
 command -v swarp >/dev/null || command -v SWarp >/dev/null || missing="$missing swarp"
