@@ -129,3 +129,42 @@ def region_text(table, *, radius_px: float = 6.0, radius_arcsec: float = 3.0, sk
             lines.append(f"circle({float(r['x']) + 1:.2f},{float(r['y']) + 1:.2f},{radius_px:.2f}) "
                          f"# color={color} text={{{label}}}")
     return "\n".join(lines) + "\n"
+
+
+def light_curve_png(table, *, title: str = "") -> bytes:
+    """A small panel: forced flux (uJy) of each frame against hours since the first, with 1-sigma
+    bars; a frame below S/N 5 is an open marker at its 5-sigma limit with a downward arrow; the
+    stack's flux a band across the panel (it is the mean of the frames, not one more epoch)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.0, 2.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    kind = np.asarray(table["kind"]) if len(table) else np.zeros(0, str)
+    frames, stack = table[kind == "frame"], table[kind == "stack"]
+    t0 = float(np.min(frames["mjd"])) if len(frames) else 0.0
+    if len(frames):
+        hours = (np.asarray(frames["mjd"], float) - t0) * 24.0
+        flux, err = np.asarray(frames["flux_ujy"], float), np.asarray(frames["flux_err_ujy"], float)
+        lim = np.asarray(frames["upper_limit"], bool)
+        ax.errorbar(hours[~lim], flux[~lim], yerr=err[~lim], fmt="o", color="k", ms=4, capsize=2, label="frame")
+        if lim.any():
+            ax.errorbar(hours[lim], 5 * err[lim], yerr=1.5 * err[lim], uplims=True, fmt="v", mfc="none", color="0.4",
+                        ms=5, label="5$\\sigma$ limit")
+    for r in stack:
+        f, e = float(r["flux_ujy"]), float(r["flux_err_ujy"])
+        ax.axhspan(f - e, f + e, color="tab:blue", alpha=0.25, lw=0)
+        ax.axhline(f, color="tab:blue", lw=1, label="stack")
+    ax.axhline(0.0, color="0.7", lw=0.5)
+    ax.set_xlabel("hours since first frame", fontsize=8)
+    ax.set_ylabel("flux [uJy]", fontsize=8)
+    ax.tick_params(labelsize=7)
+    if len(table):
+        ax.legend(fontsize=6, loc="best")
+    if title:
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

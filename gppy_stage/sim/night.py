@@ -22,6 +22,7 @@ from astropy.wcs import WCS
 
 from .. import config, names
 from ..errors import ConfigError
+from . import lightcurve
 from . import catalog, detector, model, render
 
 SIZES = {"small": (1024, 1536), "tiny": (512, 768)}  # rows, columns; "full" comes from the instrument registry
@@ -209,6 +210,7 @@ def simulate_night(out: str | Path, unit: str = "7DT01", night: str = "2025-01-0
                    filters: tuple[str, ...] | list[str] = ("m425", "m475"), size: str = "small", seed: int = 0,
                    calib: tuple[str, ...] | list[str] = ("bias", "dark", "flat"), n_science: int = 3,
                    field: str = "T10779", reference: bool = True,
+                   transient_lc: lightcurve.LightCurve | None = None,
                    progress: Callable[[int, int, str], None] | None = None) -> dict:
     """Write a raw 7DT night under out/ (laid out as the pipeline's storage root) plus its truth.
 
@@ -354,7 +356,8 @@ def simulate_night(out: str | Path, unit: str = "7DT01", night: str = "2025-01-0
                                  galaxy["pa_deg"], fwhm_px, beta)
             alpha = model.moffat_alpha(fwhm_px, beta)
             txp, typ = wcs.all_world2pix(transient["ra"], transient["dec"], 0)
-            render.add_moffat(signal, float(txp), float(typ), 10 ** (-0.4 * (transient["mag"][fr.filt] - zp)), alpha, beta)
+            t_mag = lightcurve.frame_mag(transient_lc, transient["mag"][fr.filt], fr, sci)
+            render.add_moffat(signal, float(txp), float(typ), 10 ** (-0.4 * (t_mag - zp)), alpha, beta)
             # the asteroid trails during the exposure: five sub-exposures
             a_mag = float(model.sed_mag(ast_g, 0.85, fr.filt))
             for k in range(5):
@@ -374,6 +377,8 @@ def simulate_night(out: str | Path, unit: str = "7DT01", night: str = "2025-01-0
                       "pointing_error_east_north_arcsec": [de, dn], "airmass": airmass, "epoch": epoch,
                       "transient_xy": [float(txp), float(typ)], "galaxy_xy": [float(gxp), float(gyp)],
                       "asteroid_xy": [float(axp), float(ayp)]}
+            if transient_lc is not None:
+                entry["transient_mag"] = t_mag
         else:
             jd0 = model.julian_date(fr.start)
             if fr.imagetyp == "FLAT":
@@ -403,6 +408,8 @@ def simulate_night(out: str | Path, unit: str = "7DT01", night: str = "2025-01-0
             progress(i + 1, len(frames), name)
 
     _write_json(truth_dir / "frames.json", entries)
+    if transient_lc is not None:
+        transient["light_curve"] = transient_lc.describe()
     _write_json(truth_dir / "transients.json", {
         "transient": transient, "host": galaxy,
         "asteroid": {"rate_arcsec_per_hour": ast_rate, "pa_deg": math.degrees(ast_pa) % 360.0,

@@ -33,6 +33,7 @@ from ..science.astrometry import observation_time
 from ..science.detect import APER_FWHM, FLAG_BITS, detect_candidates, growth_correction, growth_radii
 from ..science.stamps import candidate_stamps, region_text
 from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
+from .forced import light_curves
 from .photometry import product_keys as phot_keys
 from .stack import settings, stem
 from .subtract import NO_REFERENCE, find_reference, product_keys
@@ -183,6 +184,8 @@ def run(ctx: Night, stack: str) -> dict:
         ok = passing(t, float(cfg["rb_threshold"]), int(cfg["pass_flags"]))
         stamps = candidate_stamps(img["new"][0], img["ref"][0], img["diff"][0], t[ok], half=int(cfg["stamp_half"]),
                                   noise=img["noise"][0], max_stamps=int(cfg["max_stamps"]))
+        curves, lc_notes = light_curves(ctx, entry, stack_meta.get("frames") or [], t[ok], img, aper_radius, aper_corr,
+                                        max_candidates=int(cfg["max_stamps"]))
     t["pass"] = ok
     t.meta.update({"STACK": storage.basename(entry["output"]), "DIFF": storage.basename(keys["diff"]),
                    "FWHM_PX": fwhm, "THRESH": float(cfg["threshold"]), "MINSCORE": float(cfg["min_score"]),
@@ -195,6 +198,8 @@ def run(ctx: Night, stack: str) -> dict:
         storage.delete(old.url)
     for cid, png in stamps.items():
         storage.put_bytes(ctx.url(ckeys["stamps"], f"cand_{cid:04d}.png"), png)
+    for name, data in curves.items():  # cand_NNNN.lc.ecsv and .lc.png beside the stamp
+        storage.put_bytes(ctx.url(ckeys["stamps"], name), data)
     storage.put_bytes(ctx.url(ckeys["regions"]), region_text(t, good_score=float(cfg["min_score"])).encode())
     storage.put_bytes(table_url, buf.getvalue().encode())
     order = np.argsort(-np.asarray(t["rb_score"], float)) if len(t) else []
@@ -204,7 +209,8 @@ def run(ctx: Night, stack: str) -> dict:
             row["stamp"] = f"{ckeys['stamps']}/cand_{row['id']:04d}.png"
     summary = {"status": "done", "n_candidates": len(t), "n_pass": int(ok.sum()), "zp": zp, "fwhm_px": round(fwhm, 3),
                "flag_counts": {name: int(np.sum(np.asarray(t[name], bool))) for name in FLAG_BITS} if len(t) else {},
-               "moving_from": len(frame_cats), "notes": notes, "top": top, "stamps": len(stamps)}
+               "moving_from": len(frame_cats), "notes": notes, "top": top, "stamps": len(stamps),
+               "light_curves": len(curves) // 2, "forced_notes": lc_notes}
     write_sidecar(table_url, work, stack=stack, summary=summary, products=ckeys)
     log.event(_log, "searched", stack=stack, candidates=len(t), passing=int(ok.sum()), seconds=timer.seconds)
     return result | summary | {"products": ckeys, "seconds": timer.seconds}

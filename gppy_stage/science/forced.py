@@ -1,0 +1,195 @@
+"""Forced photometry: the flux at a fixed sky position on a frame minus the reference.
+
+Pure functions on arrays. The caller (``stages.detect``) cuts a small box of a calibrated frame
+around a candidate, resamples the reference onto that box's grid and scales it to the frame's
+zero point; here the two are PSF-matched and subtracted once, and the flux is measured in a
+circular aperture at the fixed position with its error from the variance.
+
+PSF matching: the native Alard-Lupton engine on the cut-out (one kernel, no spatial terms: a
+cut-out is far smaller than the scale on which the PSF changes) when the cut-out has enough
+stamp stars; otherwise a Gaussian kernel of width sqrt(s_broad^2 - s_sharp^2) from the two
+FWHMs convolves the sharper image, the flux scale then coming from the zero points alone.
+
+Units: a difference is in the units of the scaled reference, whose zero point ``zp`` is given;
+fluxes go out in microjansky, AB: ``f_uJy = F * 10**(-0.4 (zp - 23.9))``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from astropy.table import Table
+
+from gppy_stage.errors import BadInputError
+from gppy_stage.science.kernel import SIGMA_PER_FWHM, measure_fwhm
+
+AB_UJY_ZP = 23.9  # m_AB = 23.9 - 2.5 log10(f / uJy)
+UPPER_LIMIT_SNR = 5.0
+# one kernel per cut-out; fewer stamps than a whole tile needs, since only ~30 numbers are fitted
+CUTOUT_ENGINE = {"spatial_order": 0, "bg_order": 0, "min_stamps": 8, "stamp_snr": 20.0, "max_stamps": 60,
+                 "tile": 100_000}
+
+
+@dataclass
+class Difference:
+    diff: np.ndarray
+    noise: np.ndarray
+    mask: np.ndarray
+    method: str        # "native" or "gaussian"
+    convolved: str     # "ref" or "new": whose PSF was broadened (the difference has the other's)
+    flux_scale: float  # new / ref fitted by the kernel (1 for the Gaussian kernel: zero points only)
+    fwhm: float        # px, of the difference's PSF (the broader input's)
+
+
+def cutout_box(shape: tuple[int, int], x: float, y: float, half: int) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1) of a (2 half)^2 box around (x, y), shifted to stay inside the image;
+    None when the position is off the image."""
+    ny, nx = shape
+    if not (0 <= x < nx and 0 <= y < ny):
+        return None
+    size_y, size_x = min(2 * half, ny), min(2 * half, nx)
+    y0 = int(np.clip(round(y) - half, 0, ny - size_y))
+    x0 = int(np.clip(round(x) - half, 0, nx - size_x))
+    return y0, y0 + size_y, x0, x0 + size_x
+
+
+def shifted_header(header, x0: int, y0: int, shape: tuple[int, int]):
+    """A copy of an image header describing its cut-out from pixel (x0, y0): moving CRPIX keeps
+    every WCS (TAN, TPV, SIP: their terms are relative to CRPIX) exact on the cut-out."""
+    h = header.copy()
+    h["CRPIX1"] = float(header["CRPIX1"]) - x0
+    h["CRPIX2"] = float(header["CRPIX2"]) - y0
+    h["NAXIS1"], h["NAXIS2"] = int(shape[1]), int(shape[0])
+    return h
+
+
+def gaussian_kernel(fwhm_sharp: float, fwhm_broad: float) -> np.ndarray:
+    """Unit-sum Gaussian that broadens a PSF of ``fwhm_sharp`` px to ``fwhm_broad`` px (a delta
+    when they are equal)."""
+    s2 = max((fwhm_broad * SIGMA_PER_FWHM) ** 2 - (fwhm_sharp * SIGMA_PER_FWHM) ** 2, 0.0)
+    if s2 < 0.05:
+        return np.ones((1, 1))
+    h = max(2, int(math.ceil(4 * math.sqrt(s2))))
+    yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
+    k = np.exp(-(xx * xx + yy * yy) / (2 * s2))
+    return k / k.sum()
+
+
+def _background_removed(diff, bad):
+    """The difference less its median: a frame's sky (still in a calibrated frame), and what a
+    kernel fitted on a few stamps leaves of it, is one constant over a cut-out; the few pixels of
+    sources (left over or new) do not move a median of tens of thousands."""
+    good = ~bad & np.isfinite(diff)
+    if good.sum() < 100:
+        raise BadInputError("fewer than 100 good pixels in a forced-photometry cut-out")
+    return np.where(good, diff - np.median(diff[good]), 0.0).astype(np.float32)
+
+
+def gaussian_difference(new, new_var, new_mask, ref, ref_var, ref_mask, fwhm_new: float,
+                        fwhm_ref: float) -> Difference:
+    """new - ref with the sharper one convolved by ``gaussian_kernel``, less its background."""
+    from scipy.signal import fftconvolve
+
+    from gppy_stage.science.convolve import box_dilate
+
+    bad_new = np.asarray(new_mask, bool) | ~np.isfinite(new) | ~(new_var > 0)
+    bad_ref = np.asarray(ref_mask, bool) | ~np.isfinite(ref)
+    n, r = np.where(bad_new, 0.0, new), np.where(bad_ref, 0.0, ref)
+    nv = np.where(bad_new, 0.0, new_var)
+    rv = np.zeros_like(nv) if ref_var is None else np.where(bad_ref, 0.0, ref_var)
+    convolved = "ref" if fwhm_ref <= fwhm_new else "new"
+    k = gaussian_kernel(*sorted((fwhm_new, fwhm_ref)))
+    hw = k.shape[0] // 2
+    if convolved == "ref":
+        r, rv = fftconvolve(r, k, mode="same"), fftconvolve(rv, k * k, mode="same")
+        bad = box_dilate(bad_ref, hw) | bad_new
+    else:
+        n, nv = fftconvolve(n, k, mode="same"), fftconvolve(nv, k * k, mode="same")
+        bad = box_dilate(bad_new, hw) | bad_ref
+    bad[:hw], bad[-hw or None:], bad[:, :hw], bad[:, -hw or None:] = True, True, True, True
+    diff = _background_removed(n - r, bad)
+    noise = np.sqrt(np.clip(nv + rv, 0, None)).astype(np.float32)
+    return Difference(diff, noise, bad, "gaussian", convolved, 1.0, max(fwhm_new, fwhm_ref))
+
+
+def difference(new, new_var, new_mask, ref, ref_var, ref_mask, *, fwhm_new: float | None, fwhm_ref: float | None,
+               saturation: float | None = None, settings: dict | None = None) -> Difference:
+    """The cut-out's difference, made once: the native engine where it finds its stamp stars,
+    else the Gaussian kernel from the two FWHMs (px): ``fwhm_new``/``fwhm_ref`` as the headers
+    give them (a growth-curve fit over the whole frame beats a few stars of a cut-out), each
+    measured on its cut-out only where it is None."""
+    from gppy_stage.science.subtract import subtract
+
+    try:
+        res = subtract(np.asarray(new, np.float32), np.asarray(ref, np.float32), new_var=np.asarray(new_var, np.float32),
+                       ref_var=None if ref_var is None else np.asarray(ref_var, np.float32),
+                       new_mask=np.asarray(new_mask, bool), ref_mask=np.asarray(ref_mask, bool), engine="native",
+                       **(CUTOUT_ENGINE | {"new_saturation": saturation} | (settings or {})))
+        bad = np.asarray(res.mask, bool)
+        info = res.kernel_info
+        return Difference(_background_removed(np.asarray(res.diff), bad), np.asarray(res.noise), bad, "native",
+                          res.convolved, float(info.get("flux_scale", 1.0)),
+                          max(float(info.get("fwhm_new") or 0), float(info.get("fwhm_ref") or 0)))
+    except BadInputError:
+        pass  # too few stamp stars in the cut-out: the zero points and FWHMs have to do
+    fwhm_new = fwhm_new or measure_fwhm(new, np.asarray(new_mask, bool) | ~np.isfinite(new), new_var)
+    fwhm_ref = fwhm_ref or measure_fwhm(ref, np.asarray(ref_mask, bool) | ~np.isfinite(ref), ref_var) or fwhm_new
+    if not fwhm_new:
+        raise BadInputError("no FWHM for the frame (no header SEEING and too few stars in the cut-out)")
+    return gaussian_difference(new, new_var, new_mask, ref, ref_var, ref_mask, fwhm_new, fwhm_ref)
+
+
+def aperture_flux(diff, noise, mask, x: float, y: float, radius: float, corr: float = 1.0,
+                  max_bad: float = 0.2) -> tuple[float, float, bool]:
+    """(flux, error, ok) in a circle of ``radius`` px at (x, y), times ``corr`` (total / aperture
+    of the PSF). Masked pixels are left out of the sum and the flux scaled up by the area they
+    took; more than ``max_bad`` of the area masked, or an aperture off the cut-out, is not ok."""
+    import sep
+
+    ny, nx = diff.shape
+    if not (radius <= x < nx - 1 - radius and radius <= y < ny - 1 - radius):
+        return math.nan, math.nan, False
+    bad = np.ascontiguousarray(np.asarray(mask, bool) | ~np.isfinite(diff) | ~np.isfinite(noise))
+    d = np.ascontiguousarray(np.where(bad, 0.0, diff), dtype=np.float64)
+    e = np.ascontiguousarray(np.where(bad, 0.0, noise), dtype=np.float64)
+    f, fe, _ = sep.sum_circle(d, [x], [y], radius, err=e, subpix=5)
+    area, _, _ = sep.sum_circle(np.ones_like(d), [x], [y], radius, subpix=5)
+    good, _, _ = sep.sum_circle((~bad).astype(np.float64), [x], [y], radius, subpix=5)
+    frac = float(good[0] / area[0]) if area[0] > 0 else 0.0
+    if frac < 1.0 - max_bad:
+        return math.nan, math.nan, False
+    return float(f[0]) * corr / frac, float(fe[0]) * corr / frac, True
+
+
+def to_microjansky(flux: float, err: float, zp: float) -> tuple[float, float]:
+    scale = 10 ** (-0.4 * (zp - AB_UJY_ZP))
+    return flux * scale, err * scale
+
+
+def magnitudes(flux_ujy: float, err_ujy: float, nsigma: float = UPPER_LIMIT_SNR) -> dict:
+    """AB magnitude and error where S/N >= nsigma, else none and only the nsigma upper limit."""
+    snr = flux_ujy / err_ujy if err_ujy > 0 else math.nan
+    lim = AB_UJY_ZP - 2.5 * math.log10(nsigma * err_ujy) if err_ujy > 0 else math.nan
+    detected = bool(snr >= nsigma)
+    mag = AB_UJY_ZP - 2.5 * math.log10(flux_ujy) if detected else math.nan
+    magerr = 2.5 / math.log(10) / snr if detected else math.nan
+    return {"snr": snr, "mag": mag, "magerr": magerr, "mag_lim": lim, "upper_limit": not detected}
+
+
+LC_COLUMNS = ("mjd", "filter", "frame", "kind", "flux_ujy", "flux_err_ujy", "snr", "mag", "magerr", "mag_lim",
+              "upper_limit", "method", "zp", "aper_px")
+
+
+def light_curve_table(rows: list[dict], meta: dict | None = None) -> Table:
+    """One row per measurement (frames in time order, then the stack), the columns of ``LC_COLUMNS``."""
+    t = Table(rows=[[r[c] for c in LC_COLUMNS] for r in rows], names=LC_COLUMNS) if rows else Table(
+        names=LC_COLUMNS, dtype=[float, str, str, str, float, float, float, float, float, float, bool, str, float, float])
+    for col, unit in (("flux_ujy", "uJy"), ("flux_err_ujy", "uJy"), ("mag", "mag"), ("magerr", "mag"),
+                      ("mag_lim", "mag"), ("mjd", "d"), ("aper_px", "pix")):
+        t[col].unit = unit
+    t.meta.update({"FLUXUNIT": "microjansky", "MAGSYS": "AB (m = 23.9 - 2.5 log10 f_uJy)",
+                   "LIMIT": f"mag_lim: {UPPER_LIMIT_SNR:g}-sigma upper limit; mag only where S/N >= {UPPER_LIMIT_SNR:g}"}
+                  | (meta or {}))
+    return t
