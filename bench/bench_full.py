@@ -108,8 +108,8 @@ def measure(cmd: list[str], env: dict | None = None, log: Path | None = None) ->
     # command and reports the command's true peak.
     gnu_time = Path("/usr/bin/time")
     maxrss_file = Path(tempfile.mkstemp(prefix="gppy-bench-maxrss-")[1])
-    if gnu_time.is_file():
-        cmd = [str(gnu_time), "-o", str(maxrss_file), "-f", "%M", *cmd]
+    if gnu_time.is_file():  # peak KiB, then user and system CPU seconds (the steadier figure on a shared machine)
+        cmd = [str(gnu_time), "-o", str(maxrss_file), "-f", "%M %U %S", *cmd]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     peak = 0
@@ -123,10 +123,12 @@ def measure(cmd: list[str], env: dict | None = None, log: Path | None = None) ->
     proc.returncode = os.waitstatus_to_exitcode(status)
     if log:
         out.close()
-    text = maxrss_file.read_text().split()
+    text = maxrss_file.read_text().split()  # "Command exited with non-zero status N" may come first
     maxrss_file.unlink()
-    maxrss = int(text[-1]) * 1024 if text and text[-1].isdigit() else 0
-    return {"rc": proc.returncode, "wall_s": round(wall, 2), "peak_bytes": max(peak, maxrss),
+    maxrss, cpu = 0, None
+    if len(text) >= 3 and text[-3].isdigit():
+        maxrss, cpu = int(text[-3]) * 1024, round(float(text[-2]) + float(text[-1]), 2)
+    return {"rc": proc.returncode, "wall_s": round(wall, 2), "cpu_s": cpu, "peak_bytes": max(peak, maxrss),
             "maxrss_bytes": maxrss}
 
 
@@ -331,11 +333,18 @@ def summarize(stage: graph.Stage, runs: list[dict], yard: dict[str, list[dict]])
                      for r, s in zip(runs, tools)]}
     if any(tools):
         row["x_tools"] = round(sum(r["wall_s"] for r in runs) / sum(tools), 2)
+    cpus = [r["cpu_s"] for r in runs if r.get("cpu_s") is not None]
+    if cpus:
+        row["max_cpu_s"] = round(max(cpus), 1)
     for name, base in yard.items():
         if base:
             row[f"x_{name}"] = round(row["max_s"] / max(b["wall_s"] for b in base), 2)
             row[f"{name}_s"] = round(max(b["wall_s"] for b in base), 1)
             row[f"{name}_peak_gib"] = gib(max(b["peak_bytes"] for b in base))
+            base_cpu = [b["cpu_s"] for b in base if b.get("cpu_s")]
+            if cpus and base_cpu:  # CPU seconds: what another job's load on the same cores does not inflate
+                row[f"{name}_cpu_s"] = round(max(base_cpu), 1)
+                row[f"{name}_x_cpu"] = round(max(cpus) / max(base_cpu), 2)
     return row
 
 
@@ -344,20 +353,20 @@ def print_table(result: dict) -> None:
     print(f"\nnight: {result['size']} px, {result['frames']} science frame(s) in {FILTER}, "
           f"{result['raw_frames']} raw frames; machine: {m['cores']} cores {m['cpu']}, {m['ram_gib']} GiB RAM, "
           f"device {m['device']}")
-    head = (f"{'stage':<11} {'runs':>4} {'max s':>8} {'total s':>8} {'peak GiB':>9} {'request':>8} {'% req':>6} "
-            f"{'tools s':>8} {'x tools':>8}  yardstick")
+    head = (f"{'stage':<11} {'runs':>4} {'max s':>8} {'cpu s':>8} {'total s':>8} {'peak GiB':>9} {'request':>8} "
+            f"{'% req':>6} {'tools s':>8} {'x tools':>8}  yardstick")
     print(head)
     print("-" * len(head))
     for row in result["stages"]:
-        yard = "; ".join(f"{k[2:]} alone {row[k[2:] + '_s']} s: x{row[k]}" for k in row
-                         if k.startswith("x_") and k != "x_tools")
+        yard = "; ".join(_yardstick(row, k[2:], ": x") for k in row if k.startswith("x_") and k != "x_tools")
         tools = f"{row['tool_s_max']:8.1f}" if row.get("tool_s_max") else f"{'-':>8}"
         xt = f"{row['x_tools']:8.2f}" if row.get("x_tools") else f"{'-':>8}"
         fail = f"  FAILED {row['failed']}" if row["failed"] else ""
-        print(f"{row['stage']:<11} {row['runs']:>4} {row['max_s']:8.1f} {row['total_s']:8.1f} {row['peak_gib']:9.2f} "
+        cpu = f"{row['max_cpu_s']:8.1f}" if row.get("max_cpu_s") is not None else f"{'-':>8}"
+        print(f"{row['stage']:<11} {row['runs']:>4} {row['max_s']:8.1f} {cpu} {row['total_s']:8.1f} {row['peak_gib']:9.2f} "
               f"{row['request']:>8} {row['peak_pct_of_request']:6.1f} {tools} {xt}  {yard}{fail}")
-    print("(max s: the slowest item; peak: process tree RSS; tools s: the external programs' own time in the "
-          "slowest item's stage; x tools: stage total / tools total)")
+    print("(max s: the slowest item; cpu s: its user + system CPU seconds; peak: process tree RSS; tools s: the "
+          "external programs' own time in the slowest item's stage; x tools: stage total / tools total)")
 
 
 def markdown(result: dict) -> str:
@@ -365,16 +374,23 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"{result['size']} px, {result['frames']} science frame(s), {m['cores']} cores ({m['cpu']}), "
              f"{m['ram_gib']} GiB RAM, device {m['device']}, {result['when']}", "",
-             "| stage (one item) | wall s | peak RSS GiB | pod request | peak / request | external tools s | x tools |",
-             "|---|---|---|---|---|---|---|"]
+             "| stage (one item) | wall s | CPU s | peak RSS GiB | pod request | peak / request | external tools s | x tools |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["stages"]:
-        yard = "; ".join(f"{k[2:]} alone {r[k[2:] + '_s']} s (x{r[k]})" for k in r
-                         if k.startswith("x_") and k != "x_tools")
+        yard = "; ".join(_yardstick(r, k[2:], " (x", ")") for k in r if k.startswith("x_") and k != "x_tools")
         tools = f"{r['tool_s_max']} ({', '.join(r['tools'])})" if r.get("tool_s_max") else "-"
         xt = f"{r['x_tools']}" + (f"; {yard}" if yard else "") if r.get("x_tools") else (yard or "-")
-        lines.append(f"| {r['stage']} | {r['max_s']} | {r['peak_gib']} | {r['request']} | "
+        lines.append(f"| {r['stage']} | {r['max_s']} | {r.get('max_cpu_s', '-')} | {r['peak_gib']} | {r['request']} | "
                      f"{r['peak_pct_of_request']} % | {tools} | {xt} |")
     return "\n".join(lines)
+
+
+def _yardstick(row: dict, name: str, sep: str, end: str = "") -> str:
+    """``<tool> alone S s<sep>RATIO<end>``, with the CPU seconds' ratio where they were measured."""
+    text = f"{name} alone {row[name + '_s']} s{sep}{row['x_' + name]}{end}"
+    if f"{name}_x_cpu" in row:
+        text += f", CPU {row['max_cpu_s']} s / {row[name + '_cpu_s']} s = x{row[name + '_x_cpu']}"
+    return text
 
 
 def main(argv=None) -> int:
