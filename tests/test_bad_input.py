@@ -131,7 +131,7 @@ def gzip_as_fits(root):
 
 def nan_data(root):
     p = _new_light(root, data=np.full((512, 768), np.nan, np.float32))
-    return {"says": [p.stem, "too few usable stars"]}
+    return {"says": [p.stem, "no finite pixel"]}  # named at reduce, not left to fail at astrometry
 
 
 def all_zero_data(root):

@@ -45,7 +45,7 @@ def _stars(rng, n: int = 25) -> np.ndarray:
 
 def _write(path: Path, signal: np.ndarray, imagetyp: str, exptime: float, when: datetime, rng, *,
            filt: str | None = None, obj: str | None = None, level: tuple[float, float] = (300.0, 0.02),
-           dtype=np.uint16) -> None:
+           dtype=np.uint16, sections: bool = True) -> None:
     """A raw frame: ``signal`` (ADU, image area) plus the bias pattern, read noise and an overscan
     level ``offset + slope x row`` over the whole readout (the strip holds only that and noise)."""
     offset, slope = level
@@ -55,7 +55,8 @@ def _write(path: Path, signal: np.ndarray, imagetyp: str, exptime: float, when: 
     h["IMAGETYP"], h["EXPTIME"], h["DATE-OBS"] = imagetyp, exptime, when.strftime("%Y-%m-%dT%H:%M:%S")
     h["XBINNING"] = h["YBINNING"] = 1
     h["EGAIN"], h["TELESCOP"], h["INSTRUME"] = GAIN, "LOAO 1m telescope", "E2V"
-    h["BIASSEC"], h["TRIMSEC"] = BIASSEC, TRIMSEC
+    if sections:
+        h["BIASSEC"], h["TRIMSEC"] = BIASSEC, TRIMSEC
     h["CTYPE1"], h["CTYPE2"] = "RA---TAN", "DEC--TAN"
     h["CRPIX1"], h["CRPIX2"], h["CRVAL1"], h["CRVAL2"] = 160.0, 150.0, 210.8, 54.35
     h["CD1_1"], h["CD2_2"], h["CD1_2"], h["CD2_1"] = -2.2e-4, 2.2e-4, 0.0, 0.0
@@ -244,3 +245,26 @@ def test_master_of_another_binning_not_used(made, tmp_path):
     fid = _entry(plan, next(iter(truth)))["id"]
     rec = runner.execute("reduce", str(copy), OBS, NIGHT, item=fid, force=True)
     assert rec["status"] == "quarantined" and "2x2 binned" in rec["error"]["reason"], rec
+
+
+def test_site_rule_names_the_overscan(tmp_path, monkeypatch):
+    """A camera whose software writes no BIASSEC/TRIMSEC: a header rule of its site supplies them."""
+    import yaml
+
+    from gppy_stage.stages.reduce import reduce_file
+
+    folder = tmp_path / "config"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "config", folder)
+    rules = yaml.safe_load((folder / "header_rules.yaml").read_text())
+    rules["sites"] = {OBS: {"set": {"BIASSEC": BIASSEC, "TRIMSEC": TRIMSEC}}}
+    (folder / "header_rules.yaml").write_text(yaml.safe_dump(rules))
+    monkeypatch.setenv("GPPY_CONFIG", str(folder))
+    rng = np.random.default_rng(5)
+    path = tmp_path / "bare.fits"
+    _write(path, np.full((NY, NX), 500.0, np.float32), "Light Frame", 60.0, START, rng, filt="z", obj="M101",
+           level=(350.0, 0.0), sections=False)
+    assert "BIASSEC" not in fits.getheader(path)
+    reduce_file(str(path), str(tmp_path / "out.fits"), obs=OBS, cosmic_rays=False)
+    h, data = fits.getheader(tmp_path / "out.fits"), fits.getdata(tmp_path / "out.fits")
+    assert data.shape == (298, 316) and h["OVERSCAN"] == pytest.approx(350.0, abs=0.5)
+    assert np.median(data - BIAS_PATTERN[TRIM]) == pytest.approx(500.0, abs=0.5)

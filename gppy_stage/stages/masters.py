@@ -59,10 +59,10 @@ def _mean_mjd(frames: list[RawFrame]) -> float:
     return float(np.mean(mjds)) if mjds else float("nan")
 
 
-def _observation(frame: RawFrame) -> fits.Header:
+def _observation(frame: RawFrame, site: str | None = None) -> fits.Header:
     """The frame's header in the 7DT vocabulary (EXPTIME from EXPOSURE or ITIME...), as the
-    planner read it."""
-    return normalise(frame.header, frame.url)
+    planner read it; with ``site``, after that site's header rules."""
+    return normalise(frame.header, frame.url, site=site)
 
 
 def _header(kind: str, calset: dict, inputs: list[str], frames: list[RawFrame], qa: dict, extra: dict) -> fits.Header:
@@ -159,7 +159,7 @@ class _Masters:
         with contextlib.ExitStack() as stack:
             fit_order = config.settings("overscan")["fit_order"]
             # overscan-subtracted and trimmed as the science frames will be, so the shapes agree
-            opened = [overscan.prepare(f, _observation(f), fit_order)
+            opened = [overscan.prepare(f, _observation(f, cs["unit"]), fit_order)
                       for f in (stack.enter_context(open_raw(ctx.url(k))) for k in entry["frames"])]
             kept, levels, rejected = self._screen(kind, entry["frames"], opened, bias, dark,
                                                   support.get("dark_exptime"))

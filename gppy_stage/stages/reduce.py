@@ -94,7 +94,7 @@ def calibrated(ctx: Night, entry: dict, masters: dict[str, str], xp=np) -> tuple
     raw_url = ctx.url(entry["raw"])
     loaded = {kind: _load_master(ctx, masters[kind]) for kind in ("zero", "dark", "flat")}
     with open_raw(raw_url) as raw:
-        header = normalise(raw.header, raw_url)
+        header = normalise(raw.header, raw_url, site=ctx.unit)  # a site's rules may name its overscan
         view = overscan.prepare(raw, header, ov["fit_order"])
         pixels = view.all()
     why = empty_reason(pixels)
@@ -221,7 +221,7 @@ def reduce_file(url: str, out_url: str, obs: str | None = None, cosmic_rays: boo
     cfg = config.settings("reduce")
     fit_order = config.settings("overscan")["fit_order"]
     with open_raw(url) as raw:
-        header = normalise(raw.header, url)
+        header = normalise(raw.header, url, site=obs)
         view = overscan.prepare(raw, header, fit_order)
         pixels = view.all()
         index = raw.index
@@ -231,7 +231,7 @@ def reduce_file(url: str, out_url: str, obs: str | None = None, cosmic_rays: boo
         with storage.local_copy(url) as path:
             merged = fits.getheader(path, 0)
         merged.extend(clean_header(header, commentary=False), update=True)
-        header = normalise(merged, url)
+        header = normalise(merged, url, site=obs)
     if "IMAGETYP" not in header:
         raise BadInputError("header has no IMAGETYP (nor OBSTYPE): cannot tell what kind of frame this is", path=url)
     reg = config.instruments().get((obs or "").upper())
