@@ -132,7 +132,10 @@ def build(data: dict, *, top_candidates: int = 10, products: list[str] | None = 
                  "reason": (st_rec.get("error") or {}).get("reason"),
                  "frames_planned": len(s["frames"]), "ncombine": int(h["NCOMBINE"]) if h is not None and "NCOMBINE" in h else 0,
                  "left_out": res.get("left_out", []), "exptime": _num(h.get("EXPTIME"), 1) if h is not None else None,
-                 "zp_common": _num(h.get("ZPCOMMON")) if h is not None else None, **quality(h)}
+                 "zp_common": _num(h.get("ZPCOMMON")) if h is not None else None, **quality(h),
+                 # the completeness stage's 50 % / 90 % magnitudes of artificial stars, in the header
+                 "cmpl50": _num(h.get("CMPL50"), 3) if h is not None else None,
+                 "cmpl90": _num(h.get("CMPL90"), 3) if h is not None else None}
         sub_res = sub.get("result") or {}
         det_res = det.get("result") or {}
         entry["subtract"] = {"status": sub_res.get("status") or sub.get("status", "not run"),
@@ -204,17 +207,18 @@ def markdown(report: dict) -> str:
     for f in report["frames"]:
         status = f["status"] + (f": {f['reason']}" if f.get("reason") else "")
         lines.append(f"| {f['id']} | {f['filter']} | {status} | {_fmt(f['zp'])} | {_fmt(f['depth'], 2)} | {_fmt(f['seeing'], 2)} |")
-    lines += ["", "## Stacks", "", "| stack | frames | status | ZP | depth | seeing | subtraction | candidates |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Stacks", "", "| stack | frames | status | ZP | depth | CMPL50 | CMPL90 | seeing | subtraction "
+              "| candidates |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in report["stacks"]:
         status = s["status"] + (f": {s['reason']}" if s.get("reason") else "")
         sub = s["subtract"]["status"] + (f" ({s['subtract']['reference'].rsplit('/', 1)[-1]})"
                                          if s["subtract"].get("reference") else "")
         cand = "-" if s["detect"]["n_candidates"] is None else f"{s['detect']['n_pass']} / {s['detect']['n_candidates']}"
         lines.append(f"| {s['id']} | {s['ncombine']}/{s['frames_planned']} | {status} | {_fmt(s['zp'])} | "
-                     f"{_fmt(s['depth'], 2)} | {_fmt(s['seeing'], 2)} | {sub} | {cand} |")
+                     f"{_fmt(s['depth'], 2)} | {_fmt(s.get('cmpl50'), 2)} | {_fmt(s.get('cmpl90'), 2)} | "
+                     f"{_fmt(s['seeing'], 2)} | {sub} | {cand} |")
         for note in s["left_out"]:
-            lines.append(f"|  left out: {note['frame']} | | {note['reason']} | | | | | |")
+            lines.append(f"|  left out: {note['frame']} | | {note['reason']} | | | | | | | |")
     lines += ["", "## Candidates (passing, best first)", ""]
     if report["candidates"]:
         lines += ["| stack | id | RA | Dec | mag | S/N | score | real/bogus | host offset \" | host offset / light radius "

@@ -312,9 +312,11 @@ def build_template() -> WorkflowTemplate:
 
         for fanout in fanouts:
             members = [s for s in stages if s.fanout == fanout]
-            # one item: that fan-out's stages one after another (reduce -> astrometry -> photometry)
+            # one item: that fan-out's stages after what they need of it (reduce -> astrometry ->
+            # photometry; detect and completeness both after subtract, side by side), a stage
+            # needing none of them after the one before
             with DAG(name=item_template(fanout), inputs=[Parameter(name="night"), Parameter(name="item")]):
-                prev = None
+                prev, made = None, {}
                 for s in members:
                     t = Task(
                         name=s.name,
@@ -324,9 +326,9 @@ def build_template() -> WorkflowTemplate:
                             Parameter(name="item", value="{{inputs.parameters.item}}"),
                         ],
                     )
-                    if prev is not None:
-                        prev >> t
-                    prev = t
+                    for before in [made[n] for n in s.needs if n in made] or ([prev] if prev is not None else []):
+                        before >> t
+                    prev = made[s.name] = t
             # all items: a template of its own so that its parallelism bounds this fan-out only
             with DAG(
                 name=group_name(fanout),
