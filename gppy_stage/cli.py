@@ -183,6 +183,8 @@ def sim_night(
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same night."),
     calib: str = typer.Option("bias,dark,flat", "--calib", help="Calibration frames the night has."),
     n_science: int = typer.Option(3, "--n-science", help="Science frames per filter."),
+    transient_change: float = typer.Option(0.0, "--transient-change", help="Magnitudes the transient changes by from "
+                                           "the first science frame to the last, linearly (negative: brightens)."),
     obs: Optional[str] = typer.Option(None, "--obs", help="An IMSNG/GECKO site instead of a 7DT unit (LOAO, KCT, "
                                       "RASA36): its detector, MaxIm headers, folder and file names, its filters "
                                       "unless --filters is given, and a PS1 or APASS reference catalogue."),
@@ -192,6 +194,7 @@ def sim_night(
     from tqdm import tqdm
 
     from .sim import simulate_night
+    from .sim.lightcurve import LightCurve
     from .sim.imsng import simulate_site_night
 
     with tqdm(desc="simulating", unit="frame", file=sys.stderr) as bar:
@@ -208,7 +211,8 @@ def sim_night(
                 filters = filters or "m425,m475"
                 summary = simulate_night(out, unit=unit, night=night, filters=tuple(f for f in filters.split(",") if f),
                                          size=size, seed=seed, calib=tuple(c for c in calib.split(",") if c),
-                                         n_science=n_science, progress=progress)
+                                         n_science=n_science, progress=progress,
+                                         transient_lc=LightCurve(transient_change) if transient_change else None)
         except errors.GppyError as exc:
             _fail(exc)
     summary.pop("files", None)

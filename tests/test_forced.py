@@ -126,6 +126,8 @@ def test_light_curve_files_beside_the_stamp(night):
     assert str(lc["flux_ujy"].unit) == "uJy" and lc.meta["CAND"] == cid
     assert np.all(np.diff(np.asarray(lc["mjd"][:-1], float)) > 0)
     assert set(lc["filter"]) == {FILTER}
+    listed = json.loads((root / "runs" / UNIT / NIGHT / "night_report.json").read_text())["candidates"]
+    assert [c["light_curve"] for c in listed if c["id"] == cid][0].endswith(f"cand_{cid:04d}.lc.ecsv")
 
 
 def test_forced_fluxes_follow_the_brightening_truth(night):
@@ -187,3 +189,24 @@ def test_a_candidate_without_flux_gets_upper_limits(night):
     assert np.all(np.isfinite(np.asarray(lc["mag_lim"], float))) and np.all(np.asarray(lc["mag_lim"]) > 18)
     assert np.all(np.abs(np.asarray(lc["snr"], float)) < 4)
     assert files["cand_0999.lc.png"][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sim_command_makes_the_transient_brighten_only_when_asked(tmp_path):
+    import subprocess
+    import sys
+
+    def frame_mags(out, *extra):
+        cmd = [sys.executable, "-m", "gppy_stage.cli", "sim", "night", "--out", str(out), "--size", "tiny",
+               "--filters", FILTER, "--calib", "", "--n-science", "3", "--seed", "2", *extra]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        truth = out / "truth" / UNIT / NIGHT
+        frames = [e for e in json.loads((truth / "frames.json").read_text()) if e["imagetyp"] == "LIGHT"]
+        return frames, json.loads((truth / "transients.json").read_text())["transient"]
+
+    frames, transient = frame_mags(tmp_path / "changing", "--transient-change", "-0.5")
+    mags = [e["transient_mag"] for e in frames]
+    assert mags[0] == pytest.approx(transient["mag"][FILTER]) and mags[-1] == pytest.approx(mags[0] - 0.5)
+    assert transient["light_curve"]["change_mag"] == -0.5
+    plain, transient = frame_mags(tmp_path / "plain")
+    assert all("transient_mag" not in e for e in plain) and "light_curve" not in transient

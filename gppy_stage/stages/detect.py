@@ -207,6 +207,8 @@ def run(ctx: Night, stack: str) -> dict:
     for row in top:
         if row["id"] in stamps:
             row["stamp"] = f"{ckeys['stamps']}/cand_{row['id']:04d}.png"
+        if f"cand_{row['id']:04d}.lc.ecsv" in curves:  # the night report lists it with the candidate
+            row["light_curve"] = f"{ckeys['stamps']}/cand_{row['id']:04d}.lc.ecsv"
     summary = {"status": "done", "n_candidates": len(t), "n_pass": int(ok.sum()), "zp": zp, "fwhm_px": round(fwhm, 3),
                "flag_counts": {name: int(np.sum(np.asarray(t[name], bool))) for name in FLAG_BITS} if len(t) else {},
                "moving_from": len(frame_cats), "notes": notes, "top": top, "stamps": len(stamps),

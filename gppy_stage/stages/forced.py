@@ -141,10 +141,9 @@ def _frame_rows(hdul, idx, name, cands, ref, filt, pixscale, half) -> tuple[dict
             continue
         # the difference has the PSF of the image not convolved; the reference's growth curve, where
         # it has one, describes it when that is the reference
-        if d.convolved == "ref" or len(growth_radii(ref[1], pixscale)[0]) < 2:
-            radius, corr = _aperture(header, seeing or d.fwhm if d.convolved == "ref" else d.fwhm, pixscale)
-        else:
-            radius, corr = _aperture(ref[1], d.fwhm, pixscale)
+        fwhm = (seeing or d.fwhm) if d.convolved == "ref" else d.fwhm
+        psf_header = ref[1] if d.convolved == "new" and len(growth_radii(ref[1], pixscale)[0]) >= 2 else header
+        radius, corr = _aperture(psf_header, fwhm, pixscale)
         flux, err, ok = forced.aperture_flux(d.diff, d.noise, d.mask, float(x) - box[2], float(y) - box[0], radius, corr)
         if not ok:
             notes.append({"frame": name, "id": int(cid), "reason": "aperture masked or off the cut-out"})
