@@ -185,6 +185,11 @@ def sim_night(
     n_science: int = typer.Option(3, "--n-science", help="Science frames per filter."),
     transient_change: float = typer.Option(0.0, "--transient-change", help="Magnitudes the transient changes by from "
                                            "the first science frame to the last, linearly (negative: brightens)."),
+    movers: Optional[str] = typer.Option(None, "--movers", help="Solar-system movers, RATE:PA[:MAG|:snrN] each "
+                                         "(arcsec/h, deg E of N), comma-separated, e.g. 5:40,300:250:snr10; "
+                                         "truth in truth/<unit>/<night>/movers.csv."),
+    filter_gap_min: float = typer.Option(0.5, "--filter-gap-min", help="Minutes between one filter's frames and the "
+                                         "next's: an hour or more lets a slow mover move between stacks."),
     obs: Optional[str] = typer.Option(None, "--obs", help="An IMSNG/GECKO site instead of a 7DT unit (LOAO, KCT, "
                                       "RASA36): its detector, MaxIm headers, folder and file names, its filters "
                                       "unless --filters is given, and a PS1 or APASS reference catalogue."),
@@ -212,7 +217,9 @@ def sim_night(
                 summary = simulate_night(out, unit=unit, night=night, filters=tuple(f for f in filters.split(",") if f),
                                          size=size, seed=seed, calib=tuple(c for c in calib.split(",") if c),
                                          n_science=n_science, progress=progress,
-                                         transient_lc=LightCurve(transient_change) if transient_change else None)
+                                         transient_lc=LightCurve(transient_change) if transient_change else None,
+                                         movers=movers,
+                                         filter_gap_s=filter_gap_min * 60.0)
         except errors.GppyError as exc:
             _fail(exc)
     summary.pop("files", None)

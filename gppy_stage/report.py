@@ -120,7 +120,7 @@ def build(data: dict, *, top_candidates: int = 10, products: list[str] | None = 
         frames.append({"id": f["id"], "filter": f["filter"], "object": f.get("object"), "exptime": f["exptime"],
                        "date_obs": f["date_obs"], "output": f["output"], "status": status, "reason": reason,
                        **quality(headers.get(f["output"]))})
-    stacks, candidates, flagged = [], [], []
+    stacks, candidates, flagged, movers = [], [], [], []
     for s in plan["stacks"]:
         st_rec = records.get("stack", {}).get(s["id"], {})
         sub = (records.get("subtract", {}).get(s["id"]) or {})
@@ -149,6 +149,8 @@ def build(data: dict, *, top_candidates: int = 10, products: list[str] | None = 
             flagged.append({"stack": s["id"], "flag": "no_reference", "reason": entry["subtract"]["reason"]})
         for c in det_res.get("top", []):
             candidates.append({"stack": s["id"], "filter": s["filter"], **c})
+        for c in det_res.get("moving", []):
+            movers.append({"stack": s["id"], "filter": s["filter"], **c})
         stacks.append(entry)
     candidates.sort(key=lambda c: -(c.get("rb_score", c.get("score")) or 0))
     done = [f for f in frames if f["status"] == "done"]
@@ -170,9 +172,76 @@ def build(data: dict, *, top_candidates: int = 10, products: list[str] | None = 
         "depth": {"frame_median": _median(depths), "stack_best": max((s["depth"] for s in stacks if s["depth"]), default=None)},
         "seeing_median": _median(seeing),
         "frames": frames, "stacks": stacks, "failures": failures, "flagged": flagged,
-        "candidates": candidates[:top_candidates], "warnings": plan.get("warnings", []),
+        "candidates": candidates[:top_candidates], "moving": link_movers(movers), "warnings": plan.get("warnings", []),
         "timing": timing, "products": products or [],
     }
+
+
+# Two moving detections are one object when their rates agree within this fraction (plus the
+# absolute slack, for slow movers whose rates are less certain), their angles within MOVE_PA_DEG,
+# and one's track, carried to the other's time, passes within MOVE_POS_ARCSEC plus MOVE_POS_FRAC
+# of the distance travelled plus the trail each stack spans.
+MOVE_RATE_FRAC, MOVE_RATE_ABS, MOVE_PA_DEG, MOVE_POS_ARCSEC, MOVE_POS_FRAC = 0.3, 3.0, 30.0, 3.0, 0.2
+
+
+def _same_mover(a: dict, b: dict) -> bool:
+    ra_, rb = a["rate_arcsec_h"], b["rate_arcsec_h"]
+    if abs(ra_ - rb) > MOVE_RATE_FRAC * max(ra_, rb) + MOVE_RATE_ABS:
+        return False
+    if abs((a["pa_deg"] - b["pa_deg"] + 180.0) % 360.0 - 180.0) > MOVE_PA_DEG:
+        return False
+    dt_h = (b["mjd"] - a["mjd"]) * 24.0
+    pa = math.radians(a["pa_deg"])
+    cosd = math.cos(math.radians(a["dec"]))
+    pe = ra_ * dt_h * math.sin(pa)
+    pn = ra_ * dt_h * math.cos(pa)
+    de = ((b["ra"] - a["ra"] + 180.0) % 360.0 - 180.0) * cosd * 3600.0
+    dn = (b["dec"] - a["dec"]) * 3600.0
+    tol = (MOVE_POS_ARCSEC + MOVE_POS_FRAC * ra_ * abs(dt_h)
+           + max(ra_, rb) * (a.get("half_span_h", 0.0) + b.get("half_span_h", 0.0)))
+    return math.hypot(de - pe, dn - pn) <= tol
+
+
+def link_movers(detections: list[dict]) -> list[dict]:
+    """One row per moving object from the night's moving candidates (each: stack, filter, id,
+    ra, dec, mjd, rate_arcsec_h, pa_deg, mag, sso_name, half_span_h): detections whose tracks
+    agree (``_same_mover``) are linked, transitively, across and within stacks. A row: its
+    detections in time order, first and last position and time, the median rate, the mean angle,
+    the stacks and filters, and the known name where a detection has one."""
+    dets = [d for d in detections if None not in (d.get("ra"), d.get("dec"), d.get("mjd"), d.get("rate_arcsec_h"),
+                                                   d.get("pa_deg"))]
+    parent = list(range(len(dets)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(dets)):
+        for j in range(i + 1, len(dets)):
+            if _same_mover(dets[i], dets[j]) or _same_mover(dets[j], dets[i]):
+                parent[root(i)] = root(j)
+    groups: dict[int, list[dict]] = {}
+    for i, d in enumerate(dets):
+        groups.setdefault(root(i), []).append(d)
+    rows = []
+    for members in groups.values():
+        members.sort(key=lambda d: (d["mjd"], d["stack"], d["id"]))
+        pas = [math.radians(d["pa_deg"]) for d in members]
+        pa = math.degrees(math.atan2(sum(map(math.sin, pas)), sum(map(math.cos, pas)))) % 360.0
+        names = sorted({d["sso_name"] for d in members if d.get("sso_name")})
+        first, last = members[0], members[-1]
+        rows.append({"name": names[0] if names else None, "known_names": names,
+                     "rate_arcsec_h": _median([d["rate_arcsec_h"] for d in members]),
+                     "pa_deg": round(pa, 1), "stacks": sorted({d["stack"] for d in members}),
+                     "filters": sorted({d["filter"] for d in members}),
+                     "first": {k: first[k] for k in ("mjd", "ra", "dec")}, "last": {k: last[k] for k in ("mjd", "ra", "dec")},
+                     "mag": _median([d["mag"] for d in members if d.get("mag") is not None]),
+                     "detections": [{k: d.get(k) for k in ("stack", "filter", "id", "mjd", "ra", "dec", "mag",
+                                                           "rate_arcsec_h", "pa_deg")} for d in members]})
+    rows.sort(key=lambda r: (r["first"]["mjd"], r["first"]["ra"]))
+    return rows
 
 
 def _median(values: list[float]) -> float | None:
@@ -228,6 +297,17 @@ def markdown(report: dict) -> str:
                          f"{_fmt(cand['mag'], 2)} | {_fmt(cand['snr'], 1)} | {_fmt(cand['score'], 2)} | "
                          f"{_fmt(cand.get('rb_score'), 2)} | {_fmt(cand.get('host_sep'), 2)} | "
                          f"{_fmt(cand.get('host_dlr'), 2)} | {_fmt(cand.get('host_mag'), 2)} |")
+    else:
+        lines.append("none")
+    lines += ["", "## Moving objects (linked across the night's stacks)", ""]
+    if report.get("moving"):
+        lines += ["| object | rate \"/h | PA deg | mag | first seen (MJD, RA, Dec) | last seen (MJD, RA, Dec) | stacks |",
+                  "|---|---|---|---|---|---|---|"]
+        for k, mv in enumerate(report["moving"], 1):
+            f, la = mv["first"], mv["last"]
+            lines.append(f"| {mv['name'] or f'unknown {k}'} | {_fmt(mv['rate_arcsec_h'], 1)} | {_fmt(mv['pa_deg'], 1)} | "
+                         f"{_fmt(mv['mag'], 2)} | {f['mjd']:.5f} {f['ra']:.6f} {f['dec']:.6f} | "
+                         f"{la['mjd']:.5f} {la['ra']:.6f} {la['dec']:.6f} | {', '.join(mv['stacks'])} |")
     else:
         lines.append("none")
     lines += ["", "## Failures and flags", ""]

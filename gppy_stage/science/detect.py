@@ -323,6 +323,10 @@ def detect_candidates(
     move_radius: float | None = None,
     move_tol: float | None = None,
     noise_factor: float | None = None,
+    frame_times=None,
+    frame_groups=None,
+    span=None,
+    max_rate_arcsec_h: float = 400.0,
 ) -> Table:
     """Candidates on a difference image (see module docstring). Radii are px unless named.
 
@@ -332,7 +336,11 @@ def detect_candidates(
     reference (x,y or ra,dec). ``frame_detections``: per-frame detection tables (x,y on this
     grid, or ra,dec) or ``frame_diffs``: per-frame (diff, noise[, mask]) on this grid, for the
     moving flag. ``pixel_scale`` (arcsec/px) defaults to the WCS's; needed without a WCS only for
-    ``ref_match_arcsec``.
+    ``ref_match_arcsec``. With ``frame_times`` (MJD of each frame's mid-exposure), ``span`` (MJD
+    start and end of this stack) and a WCS, the frames may be the whole night's of the field (every
+    filter; ``frame_groups`` names each one's stack) and moving candidates get ``rate_arcsec_h``
+    and ``pa_deg`` (east of north) of their track, up to ``max_rate_arcsec_h``; without times each frame is one time step and a mover may
+    shift by up to ``move_radius`` per step (NaN rate and angle).
     """
     dd, n, bad = _prepared(diff, noise, mask)
     ny, nx = dd.shape
@@ -439,14 +447,26 @@ def detect_candidates(
             o = find_sources(fdiff, fnoise, fmask, fwhm=fwhm, threshold=threshold, minarea=minarea, sign=1,
                              noise_factor=fc)
             frames.append((np.asarray(o["x"]), np.asarray(o["y"])))
-    n_frames, moving = motion(x, y, frames, move_radius, move_tol)
-    moving &= ~negative  # only positive sources are searched in single frames
+    timed = frame_times is not None and span is not None and wcs is not None and pixel_scale is not None
+    n_frames, track = motion(x, y, frames, move_radius, move_tol, r0=max(move_tol, fwhm),
+                             track_tol=max(1.5, 0.5 * fwhm), fit_tol=max(1.0, 0.25 * fwhm), groups=frame_groups,
+                             times=frame_times if timed else None,
+                             span=span if timed else None,
+                             vmax=max_rate_arcsec_h * 24.0 / pixel_scale if timed else None)  # px/day
+    moving = track["moving"] & ~negative  # only positive sources are searched in single frames
+    rate = pa = np.full(m, np.nan)
+    if timed:
+        from gppy_stage.science.moving import rate_and_pa
+
+        rate, pa = rate_and_pa(wcs, track["x0"], track["y0"], track["vx"], track["vy"], per_hour=24.0)
+        rate, pa = np.where(moving, rate, np.nan), np.where(moving, pa, np.nan)
 
     t["flux"], t["fluxerr"] = flux, fluxerr
     t["snr"] = snr
     t["fwhm"] = cand_fwhm
     t["elongation"] = a / np.maximum(b, 1e-3)
     t["n_frames"] = n_frames
+    t["rate_arcsec_h"], t["pa_deg"] = rate, pa
     for name, val in (("near_edge", near_edge), ("near_mask", near_mask), ("dipole", dipole),
                       ("elongated", elongated), ("bad_fwhm", bad_fwhm), ("negative", negative),
                       ("ref_star", ref_star), ("moving", moving)):
@@ -456,41 +476,30 @@ def detect_candidates(
     return t
 
 
-def motion(x, y, frames, radius: float, tol: float) -> tuple[np.ndarray, np.ndarray]:
-    """(frames with a source within ``radius`` of each candidate, moving) from per-frame source
-    positions on the candidates' grid.
+def motion(x, y, frames, radius: float, tol: float, *, r0: float | None = None, track_tol: float | None = None,
+           fit_tol: float | None = None, groups=None, times=None, span=None,
+           vmax: float | None = None) -> tuple[np.ndarray, dict]:
+    """(frames with a source within ``radius`` of each candidate, the track of each:
+    ``science.moving.link_tracks``'s dict) from per-frame source positions on the candidates' grid.
 
-    A source with a counterpart within ``tol`` in every other frame is static (a star, a galaxy,
-    a transient that stays put) and cannot show motion; a candidate moves when the frames'
-    nearest non-static sources within ``radius`` spread by more than ``tol``. Dropping static
-    sources first is what lets whole-frame catalogues serve: a galaxy beside a transient, found
-    in every frame, never pairs with the transient found in only one.
+    Sources found at the same place (within ``tol``) in most frames are static (a star, a galaxy,
+    a transient that stays put) and cannot show motion: dropping them first is what lets
+    whole-frame catalogues serve, so a galaxy beside a transient, found in every frame, never pairs
+    with the transient found in only one. Without ``times`` frame k is at time k, the candidates'
+    span covers every frame and a mover shifts by at most ``radius`` per frame.
     """
+    from gppy_stage.science.moving import link_tracks
+
     m = len(x)
     n_frames = np.zeros(m, int)
-    moving = np.zeros(m, bool)
-    if not frames or m == 0:
-        return n_frames, moving
     frames = [(np.asarray(fx, float), np.asarray(fy, float)) for fx, fy in frames]
-    px = np.full((m, len(frames)), np.nan)
-    py = np.full((m, len(frames)), np.nan)
-    for k, (fx, fy) in enumerate(frames):
-        d, _ = _nearest(x, y, fx, fy, radius)
-        n_frames += np.isfinite(d)
-        static = np.ones(len(fx), bool)
-        for j, (gx, gy) in enumerate(frames):
-            if j != k:
-                static &= np.isfinite(_nearest(fx, fy, gx, gy, tol)[0])
-        keep = ~static if len(frames) > 1 else np.ones(len(fx), bool)
-        _, j = _nearest(x, y, fx[keep], fy[keep], radius)
-        hit = j >= 0
-        px[hit, k], py[hit, k] = fx[keep][j[hit]], fy[keep][j[hit]]
-    for i in range(m):
-        ok = np.isfinite(px[i])
-        if ok.sum() >= 2:
-            spread = np.hypot(px[i, ok][:, None] - px[i, ok][None], py[i, ok][:, None] - py[i, ok][None])
-            moving[i] = spread.max() > tol
-    return n_frames, moving
+    for fx, fy in frames:
+        n_frames += np.isfinite(_nearest(x, y, fx, fy, radius)[0])
+    if times is None:
+        times, span, vmax = np.arange(len(frames), dtype=float), (0.0, max(len(frames) - 1.0, 0.0)), radius
+    track = link_tracks(x, y, span, frames, times, vmax=vmax, tol=track_tol or tol, r0=r0 or tol, static_tol=tol,
+                        fit_tol=fit_tol, groups=groups)
+    return n_frames, track
 
 
 APERTURE_KEYS = ("APER", "APER_1", "APER_2", "APER_3", "APER_4", "APER_5")
@@ -547,6 +556,7 @@ def _finish(t: Table, wcs, zp, threshold, empty=False) -> Table:
         for c in ("flux", "fluxerr", "snr", "fwhm", "elongation"):
             t[c] = np.zeros(0)
         t["n_frames"] = np.zeros(0, int)
+        t["rate_arcsec_h"], t["pa_deg"] = np.zeros(0), np.zeros(0)
         for name in FLAG_BITS:
             t[name] = np.zeros(0, bool)
     if wcs is not None and m:
@@ -564,7 +574,7 @@ def _finish(t: Table, wcs, zp, threshold, empty=False) -> Table:
     t["flags"] = bits
     t["score"] = candidate_score(t, threshold)
     order = ["id", "ra", "dec", "x", "y", "mag", "magerr", "flux", "fluxerr", "snr", "fwhm", "elongation",
-             "n_frames", *FLAG_BITS, "flags", "score"]
+             "n_frames", "rate_arcsec_h", "pa_deg", *FLAG_BITS, "flags", "score"]
     t = t[order]
     t.meta["FLAGBITS"] = ",".join(f"{k}={v}" for k, v in FLAG_BITS.items())
     t.meta["ZP"] = zp

@@ -105,7 +105,8 @@ def candidate_stamps(new, ref, diff, table, *, half: int = 15, noise=None, max_s
 
 def region_text(table, *, radius_px: float = 6.0, radius_arcsec: float = 3.0, sky: bool | None = None,
                 good_score: float = 0.5) -> str:
-    """DS9 region file: a circle per candidate, green when score >= good_score, red otherwise.
+    """DS9 region file: a circle per candidate, green when score >= good_score, red otherwise,
+    labelled with its id, its flag bits and, for a mover, its rate and angle (and its known name).
 
     ``sky`` True writes fk5 circles from ra/dec, False image circles (1-based, as DS9 counts);
     None picks fk5 when every row has finite ra/dec.
@@ -122,6 +123,10 @@ def region_text(table, *, radius_px: float = 6.0, radius_arcsec: float = 3.0, sk
         label = f"{r['id']}"
         if "flags" in r.colnames and int(r["flags"]):
             label += f" f{int(r['flags'])}"
+        if "rate_arcsec_h" in r.colnames and np.isfinite(float(r["rate_arcsec_h"])):
+            label += f' moving {float(r["rate_arcsec_h"]):.1f}"/h PA {float(r["pa_deg"]):.0f}'
+        if "sso_name" in r.colnames and str(r["sso_name"]):
+            label += f" {r['sso_name']}"
         if sky:
             lines.append(f'circle({float(r["ra"]):.7f},{float(r["dec"]):.7f},{radius_arcsec:.2f}") '
                          f"# color={color} text={{{label}}}")

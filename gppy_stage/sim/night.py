@@ -23,7 +23,7 @@ from astropy.wcs import WCS
 from .. import config, names
 from ..errors import ConfigError
 from . import lightcurve
-from . import catalog, detector, model, render
+from . import catalog, detector, model, movers as movers_mod, render
 
 SIZES = {"small": (1024, 1536), "tiny": (512, 768)}  # rows, columns; "full" comes from the instrument registry
 CATALOGUE_MARGIN_DEG = 5.0 / 60.0
@@ -69,7 +69,7 @@ def _transit_utc(ra: float, day: datetime) -> datetime:
 
 
 def plan_night(unit: str, night: str, filters: tuple[str, ...], calib: tuple[str, ...], n_science: int,
-               field: str, seed: int) -> list[Frame]:
+               field: str, seed: int, filter_gap_s: float = 30.0) -> list[Frame]:
     """The night's exposures in time order: dusk flats, biases, darks, then science frames."""
     rng = model.rng_for(seed, unit, night, "plan")
     day = datetime.fromisoformat(night).replace(tzinfo=timezone.utc)
@@ -109,7 +109,7 @@ def plan_night(unit: str, night: str, filters: tuple[str, ...], calib: tuple[str
         for k in range(n_science):
             frames.append(Frame("LIGHT", filt, SCIENCE_EXPTIME, t, k + 1, {"object": field}))
             t += timedelta(seconds=SCIENCE_EXPTIME + model.READOUT_S + rng.uniform(0, 0.5))
-        t += timedelta(seconds=30)  # filter change
+        t += timedelta(seconds=filter_gap_s)  # filter change (a longer gap spaces the stacks for slow movers)
     # drop sub-second parts below a millisecond so DATE-OBS text and the file name agree
     for f in frames:
         f.start = f.start.replace(microsecond=(f.start.microsecond // 1000) * 1000)
@@ -209,12 +209,15 @@ def _write_csv(path: Path, table: Table, formats: dict[str, str]) -> None:
 def simulate_night(out: str | Path, unit: str = "7DT01", night: str = "2025-01-01",
                    filters: tuple[str, ...] | list[str] = ("m425", "m475"), size: str = "small", seed: int = 0,
                    calib: tuple[str, ...] | list[str] = ("bias", "dark", "flat"), n_science: int = 3,
-                   field: str = "T10779", reference: bool = True,
+                   field: str = "T10779", reference: bool = True, movers: str | list | None = None,
+                   filter_gap_s: float = 30.0,
                    transient_lc: lightcurve.LightCurve | None = None,
                    progress: Callable[[int, int, str], None] | None = None) -> dict:
     """Write a raw 7DT night under out/ (laid out as the pipeline's storage root) plus its truth.
 
     progress, when given, is called as progress(done, total, file_name) after each raw frame.
+    ``movers`` (``sim.movers.parse_specs``'s text or its list) adds solar-system movers with their truth;
+    ``filter_gap_s`` is the time between one filter's frames and the next's.
     Returns a JSON-able summary (night folder, counts, paths)."""
     out = Path(out)
     filters = tuple(model.check_filter(f) for f in filters)
@@ -236,7 +239,7 @@ def simulate_night(out: str | Path, unit: str = "7DT01", night: str = "2025-01-0
     shape = frame_shape(size, unit)
     ny, nx = shape
 
-    frames = plan_night(unit, night, filters, calib, n_science, field, seed)
+    frames = plan_night(unit, night, filters, calib, n_science, field, seed, filter_gap_s)
     night_dir = names.night_folder(frames[0].start)
     assert night_dir == f"{night}_gain2750", night_dir  # the plan keeps every frame in its night
     raw_dir = out / "obsdata" / unit / night_dir
@@ -275,6 +278,13 @@ def simulate_night(out: str | Path, unit: str = "7DT01", night: str = "2025-01-0
     t_ref = sci[0].mid if sci else frames[0].start
     a_x0, a_y0 = (float(v) for v in (nrng.uniform(-0.25, 0.25) * nx * pixscale, nrng.uniform(-0.25, 0.25) * ny * pixscale))
     a_ra0, a_dec0 = (float(v) for v in offsets.wcs_pix2world(1 + a_x0, 1 + a_y0, 1))
+    movers = movers_mod.parse_specs(movers) if isinstance(movers, str) else list(movers or [])
+    if movers:  # their own generator: a night without movers draws exactly what it did before
+        movers = movers_mod.place(
+            movers, model.rng_for(seed, unit, night, "movers"), offsets, (nx * pixscale, ny * pixscale), t_ref,
+            sci[-1].mid if sci else t_ref, lambda snr: movers_mod.mag_for_snr(snr, filters[0], n_science, 2.6, pixscale, gain, rdnoise,
+                                                            SCIENCE_EXPTIME))
+    mover_rows: list[dict] = []
 
     def asteroid_at(when: datetime) -> tuple[float, float]:
         dt_h = (when - t_ref).total_seconds() / 3600.0
@@ -366,6 +376,9 @@ def simulate_night(out: str | Path, unit: str = "7DT01", night: str = "2025-01-0
                 render.add_moffat(signal, float(axp), float(ayp), 10 ** (-0.4 * (a_mag - zp)) / 5, alpha, beta)
             a_ra, a_dec = asteroid_at(fr.mid)
             axp, ayp = wcs.all_world2pix(a_ra, a_dec, 0)
+            for row in movers_mod.render_frame(signal, wcs, fr.start, fr.exptime, fr.filt, zp, movers, alpha, beta,
+                                               fwhm_px, pixscale):
+                mover_rows.append(row | {"frame": name})
             asteroid_track[name] = {"ra": a_ra, "dec": a_dec, "x": float(axp), "y": float(ayp), "mag": a_mag,
                                     "filter": fr.filt, "mid_utc": fr.mid.isoformat()}
             expected = signal
@@ -414,6 +427,8 @@ def simulate_night(out: str | Path, unit: str = "7DT01", night: str = "2025-01-0
         "transient": transient, "host": galaxy,
         "asteroid": {"rate_arcsec_per_hour": ast_rate, "pa_deg": math.degrees(ast_pa) % 360.0,
                      "mag_g": ast_g, "positions": asteroid_track}})
+    if movers:
+        movers_mod.write_truth(truth_dir, movers, mover_rows)
 
     ref_paths = {}
     if reference:

@@ -5,7 +5,9 @@ frames, ``phot/*.phot.cat``, ``*com.fits`` and its weight, difference products, 
 stamps); curate lists what this night made there (``runs/<unit>/<night>/products.json``), writes a
 text dump of each FITS product's primary header beside it (``<name>.header.txt``: readable
 without a FITS reader, and diffable between runs) and the night report as JSON
-(``night_report.json``) and Markdown (``report.md``).
+(``night_report.json``) and Markdown (``report.md``). The report links the moving candidates of
+the night's stacks (the detect stage's ``moving`` rows, from every filter) into one row per
+moving object (``report.link_movers``).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def run(ctx: Night) -> dict:
     storage.put_bytes(ctx.url(ctx.run_prefix, report.REPORT_JSON), json.dumps(rep, indent=1, default=str).encode())
     storage.put_bytes(ctx.url(ctx.run_prefix, report.REPORT_MD), report.markdown(rep).encode())
     log.event(_log, "curated", products=len(products), snapshots=snapshots, failures=rep["counts"]["failures"],
-              seconds=timer.seconds)
+              moving=len(rep["moving"]), seconds=timer.seconds)
     return {"products": len(products), "header_snapshots": snapshots,
             "report": f"{ctx.run_prefix}/{report.REPORT_JSON}", "report_md": f"{ctx.run_prefix}/{report.REPORT_MD}",
-            "counts": rep["counts"], "seconds": timer.seconds}
+            "counts": rep["counts"], "moving_objects": len(rep["moving"]), "seconds": timer.seconds}

@@ -3,9 +3,15 @@
 ``science.detect.detect_candidates`` runs on ``<stem>.diff.fits`` with the difference's WCS and
 zero point, the field's reference catalogue (``ref_cat/gaiaxp_dr3_synphot_<OBJECT>.csv``: a
 candidate on a catalogued star is flagged ``ref_star``) and, for the ``moving`` flag, the
-photometry stage's catalogue of each frame of the stack (``phot/*.phot.cat``, sources above the
-detection threshold): an asteroid sits at a different place in each frame while a real transient
-stays put. Nothing is subtracted again here; the frames were measured once, by photometry.
+photometry stage's catalogue of every science frame of the field that night (``phot/*.phot.cat``,
+sources above the detection threshold; every filter, so the night's other stacks too): an asteroid
+lies on a straight track through the frames while a real transient stays put
+(``science.moving``). A moving candidate gets ``rate_arcsec_h`` and ``pa_deg`` (east of north; NaN
+otherwise), and where ``ref_cat/sso/<night>.csv`` (predicted positions of known solar-system
+objects: name, ra, dec, mjd, err_arcsec; ``science.moving.read_ephemeris``) is in storage, a
+candidate within its error of an object's position at the stack's mid-time gets its ``sso_name``.
+The moving candidates go in the result (``moving``) for the night report to link across stacks.
+Nothing is subtracted again here; the frames were measured once, by photometry.
 
 Products beside the stack: ``<stem>.cand.ecsv`` (every candidate: ra, dec, mag, magerr, snr,
 flags, score and the flag columns), ``<stem>.cand.reg`` (DS9) and ``<stem>.stamps/cand_<id>.png``
@@ -86,27 +92,70 @@ def add_realbogus_and_hosts(t: Table, img: dict, fwhm: float, wcs, refcat, pixsc
         t[col] = np.asarray(h[col], float)
 
 
-def frame_catalogues(ctx: Night, frame_ids: list[str], threshold: float) -> tuple[list[Table], list[str], list[dict]]:
-    """ra/dec of each stack frame's sources above ``threshold`` (S/N of FLUX_AUTO), from the
-    photometry stage's catalogues; with the catalogue keys used and a note per frame left out."""
-    frames = {f["id"]: f for f in ctx.plan()["frames"]}
+# SExtractor FLAGS: the object is truncated at the image boundary (8), an aperture incomplete (16)
+TRUNCATED = 8 | 16
+
+
+def frame_catalogues(ctx: Night, field: str, threshold: float) -> tuple[list[Table], list[str], list[dict]]:
+    """ra/dec of the sources above ``threshold`` (S/N of FLUX_AUTO) of every science frame of
+    ``field`` this night (every filter, so the night's other stacks' frames too: photometry has run
+    on all of them before any stack), from the photometry stage's catalogues; each table's meta
+    ``MJD`` is its frame's mid-exposure, ``STACK`` the stack it belongs to. With the catalogue keys used and a note per frame left out."""
     tables, keys, notes = [], [], []
-    for fid in frame_ids:
-        key = phot_keys(frames[fid]["output"])[0] if fid in frames else None
-        if key is None or not storage.exists(ctx.url(key)):
-            notes.append({"frame": fid, "reason": "no photometry catalogue"})
+    for fr in sorted((f for f in ctx.plan()["frames"] if f.get("object") == field), key=lambda f: f["date_obs"]):
+        key = phot_keys(fr["output"])[0]
+        if not storage.exists(ctx.url(key)):
+            notes.append({"frame": fr["id"], "reason": "no photometry catalogue"})
             continue
         try:
             cat = Table.read(io.BytesIO(storage.get_bytes(ctx.url(key))), format="ascii.ecsv")
             flux, err = np.asarray(cat["FLUX_AUTO"], float), np.asarray(cat["FLUXERR_AUTO"], float)
             ra, dec = np.asarray(cat["ALPHA_J2000"], float), np.asarray(cat["DELTA_J2000"], float)
+            flags = np.asarray(cat["FLAGS"], int) if "FLAGS" in cat.colnames else np.zeros(len(cat), int)
         except (ValueError, KeyError) as exc:
             raise BadInputError(f"photometry catalogue unreadable ({exc})", path=ctx.url(key)) from None
         with np.errstate(divide="ignore", invalid="ignore"):
             keep = (err > 0) & (flux / err >= threshold) & np.isfinite(ra) & np.isfinite(dec)
-        tables.append(Table({"ra": ra[keep], "dec": dec[keep]}))
+        keep &= (flags & TRUNCATED) == 0  # a source cut by the frame's edge has a centroid off its track
+        table = Table({"ra": ra[keep], "dec": dec[keep]})
+        table.meta["MJD"] = _mjd(fr["date_obs"]) + float(fr["exptime"]) / 2 / 86400.0
+        table.meta["STACK"] = fr.get("stack") or fr["filter"]
+        tables.append(table)
         keys.append(key)
     return tables, keys, notes
+
+
+def _mjd(iso: str) -> float:
+    from astropy.time import Time
+
+    return float(Time(iso, scale="utc").mjd)
+
+
+def stack_span(ctx: Night, frame_ids: list[str]) -> tuple[float, float]:
+    """MJD of the first start and the last end of the stack's frames."""
+    frames = {f["id"]: f for f in ctx.plan()["frames"]}
+    mine = [frames[f] for f in frame_ids if f in frames]
+    return (min(_mjd(f["date_obs"]) for f in mine),
+            max(_mjd(f["date_obs"]) + float(f["exptime"]) / 86400.0 for f in mine))
+
+
+def sso_key(night: str) -> str:
+    return f"ref_cat/sso/{night}.csv"
+
+
+def known_objects(ctx: Night, t: Table, span: tuple[float, float]) -> str | None:
+    """``sso_name`` in place: the known solar-system object (``ref_cat/sso/<night>.csv``, see
+    ``science.moving.read_ephemeris``) each candidate lies within the positional error of, at
+    the stack's mid-time; "" for none. The file's key, or None when storage has none."""
+    from ..science import moving as mv
+
+    url = ctx.url(sso_key(ctx.night))
+    if not storage.exists(url):
+        t["sso_name"] = np.array([""] * len(t), dtype="U32")
+        return None
+    eph = mv.read_ephemeris(storage.get_bytes(url), url)
+    t["sso_name"] = mv.match_known(np.asarray(t["ra"], float), np.asarray(t["dec"], float), eph, span)
+    return sso_key(ctx.night)
 
 
 def candidate_aperture(diff_header, stack_header, ref_header, fwhm: float, pixscale: float) -> tuple[float, float]:
@@ -154,13 +203,17 @@ def run(ctx: Night, stack: str) -> dict:
         raise BadInputError(f"stack {stack} has no difference image (see the subtract stage's result)", path=diff_url)
     diff_meta = read_sidecar(diff_url) or {}
     stack_meta = read_sidecar(ctx.url(entry["output"])) or {}
-    moving = cfg.get("moving", "catalogues") != "none" and len(stack_meta.get("frames", [])) >= 2
-    frame_cats, cat_keys, notes = (frame_catalogues(ctx, stack_meta["frames"], float(cfg["threshold"])) if moving
+    moving = cfg.get("moving", "catalogues") != "none" and bool(stack_meta.get("frames"))
+    frame_cats, cat_keys, notes = (frame_catalogues(ctx, entry["field"], float(cfg["threshold"])) if moving
                                    else ([], [], []))
     if moving and len(frame_cats) < 2:
-        notes.append({"frame": "*", "reason": "fewer than 2 frame catalogues: no moving flag"})
+        notes.append({"frame": "*", "reason": "fewer than 2 frame catalogues of the field: no moving flag"})
         frame_cats = []
-    work = input_hash("detect", [{"diff": keys["diff"], "hash": diff_meta.get("hash")}, cat_keys], cfg)
+    span = stack_span(ctx, stack_meta.get("frames") or entry["frames"])
+    sso_url = ctx.url(sso_key(ctx.night))
+    sso = (config.settings_hash(storage.get_bytes(sso_url).decode(errors="replace")) if storage.exists(sso_url)
+           else None)
+    work = input_hash("detect", [{"diff": keys["diff"], "hash": diff_meta.get("hash")}, cat_keys, sso], cfg)
     table_url = ctx.url(ckeys["table"])
     if is_done(table_url, work, ctx.force):
         log.event(_log, "already searched from the same inputs and settings", stack=stack)
@@ -179,7 +232,11 @@ def run(ctx: Night, stack: str) -> dict:
         # memory-mapped in: the kernel reads each image once, the stamps only their cut-outs
         t = detect_candidates(img["diff"][0], img["noise"][0], img["mask"][0], fwhm=fwhm, wcs=wcs, zp=zp,
                               threshold=float(cfg["threshold"]), minarea=int(cfg["minarea"]), ref_catalog=refcat,
-                              frame_detections=frame_cats or None, aper_radius=aper_radius, aper_corr=aper_corr)
+                              frame_detections=frame_cats or None, aper_radius=aper_radius, aper_corr=aper_corr,
+                              frame_times=[c.meta["MJD"] for c in frame_cats] if frame_cats else None, span=span,
+                              frame_groups=[c.meta["STACK"] for c in frame_cats] if frame_cats else None,
+                              max_rate_arcsec_h=float(cfg.get("max_rate_arcsec_h", 400.0)))
+        sso_used = known_objects(ctx, t, span)
         add_realbogus_and_hosts(t, img, fwhm, wcs, refcat, pixscale, zp)
         ok = passing(t, float(cfg["rb_threshold"]), int(cfg["pass_flags"]))
         stamps = candidate_stamps(img["new"][0], img["ref"][0], img["diff"][0], t[ok], half=int(cfg["stamp_half"]),
@@ -191,6 +248,7 @@ def run(ctx: Night, stack: str) -> dict:
                    "FWHM_PX": fwhm, "THRESH": float(cfg["threshold"]), "MINSCORE": float(cfg["min_score"]),
                    "RBTHRESH": float(cfg["rb_threshold"]),
                    "MOVING": "catalogues" if frame_cats else "none", "NFRAMES": len(frame_cats),
+                   "MJDSTART": span[0], "MJDEND": span[1], "SSOFILE": sso_used or "",
                    "APER_PX": aper_radius, "APERCORR": aper_corr})
     buf = io.StringIO()
     t.write(buf, format="ascii.ecsv")
@@ -211,11 +269,27 @@ def run(ctx: Night, stack: str) -> dict:
             row["light_curve"] = f"{ckeys['stamps']}/cand_{row['id']:04d}.lc.ecsv"
     summary = {"status": "done", "n_candidates": len(t), "n_pass": int(ok.sum()), "zp": zp, "fwhm_px": round(fwhm, 3),
                "flag_counts": {name: int(np.sum(np.asarray(t[name], bool))) for name in FLAG_BITS} if len(t) else {},
-               "moving_from": len(frame_cats), "notes": notes, "top": top, "stamps": len(stamps),
+               "moving_from": len(frame_cats), "moving": moving_rows(t, span), "notes": notes, "top": top,
+               "stamps": len(stamps),
                "light_curves": len(curves) // 2, "forced_notes": lc_notes}
     write_sidecar(table_url, work, stack=stack, summary=summary, products=ckeys)
     log.event(_log, "searched", stack=stack, candidates=len(t), passing=int(ok.sum()), seconds=timer.seconds)
     return result | summary | {"products": ckeys, "seconds": timer.seconds}
+
+
+def moving_rows(t: Table, span: tuple[float, float]) -> list[dict]:
+    """The moving candidates, for the night report's linking (``report.link_movers``): where
+    each was at the stack's mid-time (its position on the stacked difference), its rate, angle,
+    magnitude and known name."""
+    mid = 0.5 * (span[0] + span[1])
+    rows = []
+    for r in t[np.asarray(t["moving"], bool)] if len(t) else []:
+        row = _row(r)
+        rows.append({k: row[k] for k in ("id", "ra", "dec", "mag", "snr", "rb_score")} |
+                    {"mjd": round(mid, 6), "half_span_h": round((span[1] - span[0]) * 12.0, 4),
+                     "rate_arcsec_h": round(float(r["rate_arcsec_h"]), 2), "pa_deg": round(float(r["pa_deg"]), 1),
+                     "sso_name": str(r["sso_name"]) if "sso_name" in r.colnames and r["sso_name"] else None})
+    return rows
 
 
 def _row(r) -> dict:
