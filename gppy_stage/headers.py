@@ -11,6 +11,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
+import astropy.units as u
+from astropy.coordinates import Angle, SkyCoord
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyWarning
 from astropy.time import Time
@@ -299,6 +301,38 @@ def frame_info(header: fits.Header, url: str, size: int, expected_shape: tuple[i
         egain=egain,
         rdnoise=rdnoise,
     )
+
+
+# Where each dialect writes the pointing, in order: MaxIm's and TCSpy's target (sexagesimal text),
+# then the mount's (degrees, or text at some MaxIm sites)
+POINTING_KEYS = (("OBJCTRA", "OBJCTDEC"), ("RA", "DEC"))
+
+
+def pointing(header: fits.Header) -> SkyCoord | None:
+    """The frame's pointing (ICRS) from OBJCTRA/OBJCTDEC or RA/DEC, or None where neither pair
+    is there or readable. Text is sexagesimal (``hh mm ss.s``/``hh:mm:ss.s`` and ``+dd mm ss``),
+    right ascension in hours; a number is degrees."""
+    for ra_key, dec_key in POINTING_KEYS:
+        c = _coordinate(header.get(ra_key), header.get(dec_key))
+        if c is not None:
+            return c
+    return None
+
+
+def _coordinate(ra, dec) -> SkyCoord | None:
+    if ra in (None, "") or dec in (None, "") or isinstance(ra, bool) or isinstance(dec, bool):
+        return None
+    try:
+        if isinstance(ra, str) and len(ra.replace(":", " ").split()) > 1:
+            a = Angle(":".join(ra.replace(":", " ").split()), unit=u.hourangle)
+            d = Angle(":".join(str(dec).replace(":", " ").split()), unit=u.deg)
+        else:
+            a, d = Angle(float(ra), unit=u.deg), Angle(float(dec), unit=u.deg)
+    except (ValueError, TypeError):
+        return None
+    if not (0.0 <= a.deg < 360.0 and -90.0 <= d.deg <= 90.0):
+        return None
+    return SkyCoord(a, d, frame="icrs")
 
 
 def header_from_bytes(blob: bytes, source: str) -> tuple[fits.Header, list[str]]:

@@ -19,6 +19,7 @@ from astropy.time import Time
 from astropy.wcs import WCS, FITSFixedWarning
 
 from ..errors import BadInputError, ToolError
+from ..headers import pointing  # noqa: F401  (the frame's pointing: one reader, in headers)
 from ..tools import astromatic, astrometrynet
 from . import refcat as refcat_mod
 
@@ -59,30 +60,6 @@ class Solution:
 
 
 # ----------------------------------------------------------------------------- pointing
-
-def pointing(header: fits.Header) -> SkyCoord | None:
-    """The pointing of a frame: OBJCTRA/OBJCTDEC (sexagesimal, ':' or ' ' separated) or RA/DEC."""
-    ra, dec = header.get("OBJCTRA"), header.get("OBJCTDEC")
-    if ra not in (None, "") and dec not in (None, ""):
-        try:
-            if isinstance(ra, str) and any(ch in ra.strip() for ch in ": hms"):
-                return SkyCoord(Angle(ra.strip().replace(" ", ":"), unit=u.hourangle),
-                                Angle(str(dec).strip().replace(" ", ":"), unit=u.deg))
-            return SkyCoord(float(ra) * u.deg, float(dec) * u.deg)
-        except (ValueError, TypeError):
-            pass
-    ra, dec = header.get("RA"), header.get("DEC")
-    if ra not in (None, "") and dec not in (None, ""):
-        try:
-            if isinstance(ra, str) and ":" in ra:
-                return SkyCoord(Angle(ra, unit=u.hourangle), Angle(str(dec), unit=u.deg))
-            ra, dec = float(ra), float(dec)
-            if 0 <= ra < 360 and -90 <= dec <= 90:
-                return SkyCoord(ra * u.deg, dec * u.deg)
-        except (ValueError, TypeError):
-            pass
-    return None
-
 
 def initial_wcs(shape: tuple[int, int], center: SkyCoord, pixscale: float, *, rotation_deg: float = 0.0) -> fits.Header:
     """A TAN WCS at the pointing with the nominal scale, north up and east left (7DT frames)."""

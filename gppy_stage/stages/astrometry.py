@@ -31,18 +31,27 @@ def refcat_key(obj: str) -> str:
     return f"ref_cat/{refcat_mod.refcat_name(obj)}"
 
 
-def reference_bytes(ctx: Night, obj: str) -> bytes | None:
-    """The field's reference catalogue as stored, or None when storage has none."""
-    url = ctx.url(refcat_key(obj))
-    return storage.get_bytes(url) if storage.exists(url) else None
+def locate_reference(ctx: Night, obj: str) -> tuple[str, str]:
+    """(key, kind) of the field's reference catalogue for this site (refcat_columns.yaml ``sites``:
+    the first kind stored); the 7DT key with kind None when storage holds none of them."""
+    found = refcat_mod.locate(ctx.unit, obj, lambda key: storage.exists(ctx.url(key)))
+    return found if found is not None else (refcat_key(obj), None)
 
 
-def load_reference(raw: bytes | None, obj: str, when):
+def load_reference(raw: bytes | None, obj: str, when, key: str | None = None, kind: str = "gaiaxp"):
     """The reference in the one shape of refcat, at the observation epoch (None stays None)."""
     if raw is None:
         return None
-    ref = refcat_mod.read_refcat(raw, name=refcat_key(obj))
+    ref = refcat_mod.read_refcat(raw, kind=kind, name=key or refcat_key(obj))
     return refcat_mod.at_epoch(ref, when) if when is not None else ref
+
+
+def binning(header) -> int:
+    """The frame's binning (MaxIm's XBINNING): the registry's pixel scale is the unbinned one."""
+    try:
+        return max(1, int(header.get("XBINNING", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
 
 
 def _marker_url(output_url: str) -> str:
@@ -55,14 +64,15 @@ def run(ctx: Night, frame: str) -> dict:
     output_url = ctx.url(entry["output"])
     if not storage.exists(output_url):
         raise BadInputError("reduced frame not found: run the reduce stage first", path=output_url)
-    ref_raw = reference_bytes(ctx, entry["object"])
+    ref_key, ref_kind = locate_reference(ctx, entry["object"])
+    ref_raw = storage.get_bytes(ctx.url(ref_key)) if ref_kind is not None else None
     ref_id = config.settings_hash(ref_raw.decode(errors="replace")) if ref_raw is not None else "none"
     timer = Timer()
     with read_hdul(output_url) as hdul:
         hdul.verify("silentfix")
         header = hdul[0].header.copy()
         red_hash = header.get("GPHASH", "")
-        work = input_hash("astrometry", [entry["output"], red_hash, refcat_key(entry["object"]), ref_id],
+        work = input_hash("astrometry", [entry["output"], red_hash, ref_key, ref_id],
                           {**SETTINGS, "sex": astromatic.provenance("source-extractor", "sextractor/default.sex"),
                            "scamp": astromatic.provenance("scamp", "scamp.conf")})
         marker = _marker_url(output_url)
@@ -76,13 +86,14 @@ def run(ctx: Night, frame: str) -> dict:
         variance = np.asarray(hdul["VARIANCE"].data, dtype=np.float32) if "VARIANCE" in hdul else None
         extensions = [h.copy() for h in hdul[1:]]
     when = astro.observation_time(header)
-    reference = load_reference(ref_raw, entry["object"], when)
+    reference = load_reference(ref_raw, entry["object"], when, ref_key, ref_kind)
     if ref_raw is None:
         log.event(_log, "no reference catalogue: blind solve only", level=30, frame=frame,
-                  looked_for=refcat_key(entry["object"]))
+                  looked_for=[f"ref_cat/{refcat_mod.refcat_file(k, entry['object'])}"
+                              for k in refcat_mod.site_kinds(ctx.unit)])
     try:
         solution = astro.solve(
-            data, header, reference, pixscale=reg.pixscale, gain=float(header.get("EGAIN", reg.gain)),
+            data, header, reference, pixscale=reg.pixscale * binning(header), gain=float(header.get("EGAIN", reg.gain)),
             saturation=float(header.get("SATURATE", reg.saturation)), mask=mask, variance=variance,
             band=entry.get("filter"), position_maxerr_arcmin=SETTINGS["position_maxerr_arcmin"],
             max_offset_arcsec=SETTINGS["max_offset_arcsec"], min_match=SETTINGS["min_match"],
@@ -90,14 +101,14 @@ def run(ctx: Night, frame: str) -> dict:
         )
     except astro.AstrometryError as exc:
         if ref_raw is None:  # the cause an operator can fix: say which key was looked for
-            raise astro.AstrometryError(f"{exc.reason} (no {refcat_key(entry['object'])} under the root)",
+            raise astro.AstrometryError(f"{exc.reason} (no {ref_key} under the root)",
                                         path=exc.path or output_url) from None
         raise
     new_header = astro.apply_solution(header, solution)
     new_header["ASTRHASH"] = (work, "hash of astrometry inputs and settings")
     new_header["PIPEVER"] = (__version__, "gppy-stage version")
     if reference is not None:
-        new_header["ASTREF"] = (refcat_mod.refcat_name(entry["object"]), "astrometric reference")
+        new_header["ASTREF"] = (ref_key.rsplit("/", 1)[-1], "astrometric reference")
     put_hdul(output_url, fits.HDUList([fits.PrimaryHDU(data, new_header), *extensions]))
     result = {"frame": frame, "output": entry["output"], "method": solution.method, "nmatch": solution.nmatch,
               "rms_arcsec": [round(solution.rms1_arcsec, 4), round(solution.rms2_arcsec, 4)],
