@@ -23,7 +23,7 @@ from products import SIZE, assert_opens, differences, leftovers, product_files
 from gppy_stage.sim import simulate_night
 
 UNIT, NIGHT = "7DT01", "2025-01-01_gain2750"
-STAGES = ("masters", "reduce", "astrometry", "photometry", "stack", "subtract", "detect", "curate")
+STAGES = ("masters", "reduce", "astrometry", "photometry", "stack", "subtract", "detect", "completeness", "curate")
 
 
 def _night_run(root: Path, scratch: Path, log: Path, env: dict | None = None) -> subprocess.Popen:

@@ -230,7 +230,7 @@ def recovery_plot(rows: list[dict], fit: dict, *, title: str = "", depth: float 
         if fit.get(key) is not None:
             ax.axvline(fit[key], color=colour, ls="--", lw=1, label=f"{int(level * 100)} %: {fit[key]:.2f}")
     if depth is not None:
-        ax.axvline(depth, color="tab:green", ls=":", lw=1, label=f"5-sigma depth: {depth:.2f}")
+        ax.axvline(depth, color="tab:green", ls=":", lw=1, label=f"5-sigma PSF depth (noise): {depth:.2f}")
     ax.set_ylim(-0.03, 1.05)
     ax.set_xlabel("injected magnitude (AB)")
     ax.set_ylabel("recovered fraction")

@@ -8,8 +8,10 @@ window is subtracted by the same engine and settings as the real difference and 
 within ``match_fwhm`` FWHM of its site, against magnitude, is fitted by a logistic.
 
 The window (``window`` px square, centred; the whole stack when smaller) bounds the cost: on a
-full 9576x6388 stack a 4096 px window is a quarter of the pixels, so the stage takes about a
-quarter of a subtract + detect and holds a few window-sized arrays. Sites are spaced
+full 9576x6388 stack a 4096 px window is a quarter of the pixels; measured there (a 2-frame
+stack, 600 sources) the stage took 47 CPU s against 103 for its subtract + detect, and peaked
+at 2.27 GiB (the reference is read and resampled whole window, the stack rewritten through a
+memory map). Sites are spaced
 ``spacing_fwhm`` FWHM apart so no two blend; magnitudes are drawn uniformly from
 ``mag_below`` brighter to ``mag_above`` fainter than the stack's 5-sigma point-source depth
 estimated from its own variance and PSF. The draw is seeded by ``seed`` and the stack's id,
