@@ -101,7 +101,7 @@ def test_reference_catalogue_columns_and_ab_truth(nights):
         stars = Table.read(Path(s["truth_dir"]) / "stars.csv")
         # PS1 objID is the star's id; APASS recno its row in the truth (recno starts at 1)
         idx = (np.searchsorted(stars["source_id"], ref["id"]) if kind == "ps1" else np.asarray(ref["id"]) - 1)
-        assert len(ref) > 50 and np.allclose(stars["ra"][idx], ref["ra"], atol=1e-6)
+        assert len(ref) > 20 and np.allclose(stars["ra"][idx], ref["ra"], atol=1e-6)
         for b in ("g", "r"):
             pull = (np.asarray(ref[f"mag_{b}"]) - np.asarray(stars[idx][f"mag_{b}"])) / np.asarray(ref[f"magerr_{b}"])
             assert abs(np.median(pull)) < 0.2 and 0.8 < np.std(pull) < 1.2

@@ -36,7 +36,10 @@ from .night import _write_csv, _write_fits, _write_json, wcs_cards
 N_BIAS, N_DARK, N_FLATS = 5, 5, 5  # a master needs 5 (pipeline.yaml min_frames)
 FLAT_TARGET_ADU = 25000.0
 CATALOGUE_MARGIN_DEG = 3.0 / 60.0
-SEVEN_DT_SMALL_DEG2 = 1024 * 1536 * (0.505 / 3600.0) ** 2  # a small 7DT frame's area: star counts scale to it
+# a small 7DT frame (1024 x 1536 px of 0.505", seeing ~2.6" = 5.1 px, star density boost 4): each site's
+# frame gets as many stars per seeing disc as it has, which the 7DT photometry is proven on
+SEVEN_DT_SMALL = {"deg2": 1024 * 1536 * (0.505 / 3600.0) ** 2, "npix": 1024 * 1536, "fwhm_px": 2.6 / 0.505,
+                  "boost": 4.0}
 FRINGE_BANDS = ("z", "y")  # the bands whose sky fringes (LOAO z and y in gpPy)
 FRINGE_AMPLITUDE = 0.06  # peak fringe / sky
 # one-sided, so that a tiny frame keeps the site's pixel scale and enough stars
@@ -67,15 +70,21 @@ class SiteSim:
     zp_offset: float
     seeing: tuple[float, float]  # night's seeing range (arcsec)
     telescope: str
+    # the night's sky against the dark sky (moonlight: negative is brighter); a sky of a few ADU is
+    # quantised so coarsely that a median-based background is biased by a few per cent of a star
+    sky_offset_mag: float = 0.0
+    # stars per seeing disc against a small 7DT frame: a few-arcminute field needs more to hold
+    # enough catalogue stars for a zero point
+    crowding: float = 1.0
 
 
 SITES = {
     "LOAO": SiteSim(32.4420, -110.7888, 2776.0, -7, ("B", "R"), "NGC3938", "ps1", "sexagesimal", 1.5, "descriptive",
                     60.0, 0.0, (1.6, 2.2), "LOAO 1m"),
     "KCT": SiteSim(-30.4704, -70.7804, 1580.0, -3, ("g", "r"), "NGC1566", "apass", "degrees", 1.0, "autosave",
-                   120.0, -2.0, (2.0, 2.6), "KCT 0.36m"),
+                   180.0, -2.0, (2.0, 2.6), "KCT 0.36m", sky_offset_mag=-1.5, crowding=2.0),
     "RASA36": SiteSim(-30.4704, -70.7804, 1580.0, -3, ("r",), "NGC1566", "apass", "missing", 0.0, "autosave",
-                      60.0, -0.6, (3.0, 3.8), "RASA 36cm"),
+                      60.0, -0.6, (5.0, 6.0), "RASA 36cm"),  # 2.1-2.5 px: sharper is taken for cosmic rays
 }
 FIELDS = {"NGC3938": (178.2058, 44.1207), "NGC1566": (65.0016, -54.9380)}
 
@@ -137,8 +146,8 @@ def extinction(band: str) -> float:
     return 0.15 * (425.0 / BANDS[band]) ** 2
 
 
-def sky_mag(band: str) -> float:
-    return 22.0 - 2.5 * (BANDS[band] - 400.0) / 475.0
+def sky_mag(site: SiteSim, band: str) -> float:
+    return 22.0 - 2.5 * (BANDS[band] - 400.0) / 475.0 + site.sky_offset_mag
 
 
 def zp100(site: SiteSim, band: str) -> float:
@@ -342,10 +351,13 @@ def simulate_site_night(out: str | Path, obs: str = "LOAO", night: str = "2024-0
     raw_dir = out / "obsdata" / obs / folder
     truth_dir = out / "truth" / obs / folder
 
-    # ---- the sky: as dense per frame as a small 7DT frame, so every size holds zero-point stars
+    # ---- the sky: as crowded (stars per seeing disc) as a small 7DT frame
     half = (nx * pixscale / 7200.0 + CATALOGUE_MARGIN_DEG, ny * pixscale / 7200.0 + CATALOGUE_MARGIN_DEG)
     area = nx * ny * (pixscale / 3600.0) ** 2
-    boost = float(np.clip(4.0 * SEVEN_DT_SMALL_DEG2 / area, 1.0, 40.0))
+    fwhm_px = sum(site.seeing) / 2 / pixscale
+    ref = SEVEN_DT_SMALL
+    boost = float(np.clip(site.crowding * ref["boost"] * ref["deg2"] / area * (nx * ny / ref["npix"])
+                          * (ref["fwhm_px"] / fwhm_px) ** 2, 1.0, 40.0))
     stars, tycho_used = catalog.star_field(ra0, dec0, half, seed, field, boost=boost)
     refcat, refcat_name = reference_catalogue(stars, site.refcat, seed, field)
     refcat_path = out / "ref_cat" / refcat_name
@@ -418,7 +430,7 @@ def simulate_site_night(out: str | Path, obs: str = "LOAO", night: str = "2024-0
             fwhm = float(np.clip(seeing0 + rng.normal(0, 0.1), 1.2, 4.5))
             beta = float(np.clip(rng.normal(2.75, 0.08), 2.5, 3.0))
             sky_zp = zp100(site, fr.filt) + 2.5 * math.log10(fr.exptime / 100.0)
-            sky_adu = float(10 ** (-0.4 * (sky_mag(fr.filt) - sky_zp)) * pixscale**2 * rng.uniform(0.9, 1.15))
+            sky_adu = float(10 ** (-0.4 * (sky_mag(site, fr.filt) - sky_zp)) * pixscale**2 * rng.uniform(0.9, 1.15))
             # the true centre is the rough pointing's error away from the field centre
             err = site.pointing_error_arcmin * 60.0
             de = err * math.cos(point_ang) + rng.normal(0, 2.0)
@@ -531,7 +543,7 @@ def _reference_frame(out: Path, obs: str, site: SiteSim, filt: str, shape, pixsc
     zp = frame_zp(site, filt, exptime, 1.2)
     fwhm = float(seeing0 * rng.uniform(0.85, 0.95))
     beta = 2.8
-    sky = float(10 ** (-0.4 * (sky_mag(filt) - zp100(site, filt) - 2.5 * math.log10(exptime / 100))) * pixscale**2)
+    sky = float(10 ** (-0.4 * (sky_mag(site, filt) - zp100(site, filt) - 2.5 * math.log10(exptime / 100))) * pixscale**2)
     s_ra, s_dec = catalog.positions_at(stars, epoch)
     img = render.render_sky(rshape, wcs, Table({"ra": s_ra, "dec": s_dec, "mag": star_mags(stars, filt, site.refcat)}),
                             fwhm, sky, zp, beta=beta)
