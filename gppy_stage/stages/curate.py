@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 
-from .. import log, report, storage
+from .. import log, names, report, storage
 from .base import Night, Timer, utcnow
 from .stack import settings, stem
 
@@ -31,8 +31,9 @@ def night_products(ctx: Night) -> list[str]:
     for folder in folders:
         for obj in storage.list_objects(ctx.url(folder)):
             key = f"{folder}/{obj.key}"
-            # catalogues live in phot/ under the frame's name; everything else extends a stem
-            as_if_beside = f"{folder}/{obj.key[len('phot/'):]}" if obj.key.startswith("phot/") else key
+            # catalogues live in phot/ under the frame's name, gpPy's differences carry hd/hc
+            # before it; everything else extends a stem
+            as_if_beside = names.beside(folder, obj.key)
             owned = any(as_if_beside.startswith(s + ".") or as_if_beside.startswith(s + "/") for s in wanted_stems)
             if owned and not key.endswith((".json", ".header.txt")):
                 keys.append(key)
