@@ -52,16 +52,17 @@ def candidate_keys(stack_key: str) -> dict[str, str]:
     return {"table": f"{s}.cand.ecsv", "regions": f"{s}.cand.reg", "stamps": f"{s}.stamps"}
 
 
-def reference_catalogue(root: str, field: str, when) -> Table | None:
+def reference_catalogue(root: str, field: str, when, obs: str = "") -> Table | None:
     """ra/dec of the field's reference catalogue at the observation epoch (None when storage has
-    none): read as every stage reads it, so column maps and proper motions apply here too."""
+    none): the site's catalogue (refcat.locate; 7DT's Gaia XP where ``obs`` names no other), read
+    as every stage reads it, so column maps and proper motions apply here too."""
     from ..science import refcat
-    from .astrometry import refcat_key
 
-    url = storage.join(root, refcat_key(field))
-    if not storage.exists(url):
+    found = refcat.locate(obs, field, lambda key: storage.exists(storage.join(root, key)))
+    if found is None:
         return None
-    table = refcat.read_refcat(storage.get_bytes(url), name=refcat_key(field))
+    key, kind = found
+    table = refcat.read_refcat(storage.get_bytes(storage.join(root, key)), kind=kind, name=key)
     if when is not None:
         table = refcat.at_epoch(table, when)
     return Table({"ra": np.asarray(table["ra"], float), "dec": np.asarray(table["dec"], float)})
@@ -227,7 +228,7 @@ def run(ctx: Night, stack: str) -> dict:
         zp = float(header.get("ZP", 0.0))
         pixscale = config.instrument(ctx.unit).pixscale
         fwhm = float(header.get("FWHM") or 0) or float(stack_header.get("SEEINGIN", 2.5)) / pixscale
-        refcat = reference_catalogue(ctx.root, entry["field"], observation_time(stack_header))
+        refcat = reference_catalogue(ctx.root, entry["field"], observation_time(stack_header), ctx.unit)
         aper_radius, aper_corr = candidate_aperture(header, stack_header, img["ref"][1], fwhm, pixscale)
         # memory-mapped in: the kernel reads each image once, the stamps only their cut-outs
         t = detect_candidates(img["diff"][0], img["noise"][0], img["mask"][0], fwhm=fwhm, wcs=wcs, zp=zp,
