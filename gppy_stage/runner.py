@@ -212,6 +212,7 @@ def run_night(root: str, unit: str, night: str | None = None, *, force: bool = F
     if storage.exists(curated):  # the curate stage's report: candidates, depth, the Markdown report
         night_report = json.loads(storage.get_bytes(curated))
         result["candidates"] = night_report.get("candidates", [])
+        result["moving"] = night_report.get("moving", [])
         result["report_md"] = ctx.url(ctx.run_prefix, "report.md")
     storage.put_bytes(ctx.url(ctx.run_prefix, "report.json"), json.dumps(result, indent=1, default=str).encode())
     return result
@@ -272,6 +273,11 @@ def summary_text(report: dict) -> str:
             lines.append(f"    {c['stack']:<24}{c['id']:>4}{c['ra']:>12.6f}{c['dec']:>12.6f}{_num(c['mag'], 8, 2)}"
                          f"{_num(c['magerr'], 7, 3)}{_num(c['snr'], 7, 1)}{_num(c.get('rb_score'), 9, 2)}  "
                          f"{c.get('stamp', '-')}")
+        if report.get("moving"):  # one row per object, linked across the night's stacks
+            lines.append(f"  moving objects: {len(report['moving'])}")
+            for m in report["moving"]:
+                lines.append(f"    {m['name'] or '-':<14}{m['rate_arcsec_h']:>8.1f}\"/h  PA {m['pa_deg']:>5.1f}  "
+                             f"{len(m['detections'])} detection(s) in {', '.join(m['stacks'])}")
         lines.append(f"  night report: {report['report_md']}")
     if report["failed"]:
         lines.append(f"  {len(report['failed'])} stage run(s) failed: exit {report['exit_code']}"
