@@ -173,33 +173,13 @@ def run_night(root: str, unit: str, night: str | None = None, *, force: bool = F
         raise failure
     ctx = Night(root=root, unit=unit, night=night)
     plan = ctx.plan()
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    pool = _pool(workers) if workers > 1 else None
     try:
         for fanout, group in chains():
             names = [s.name for s in group]
             items = [None] if fanout == "night" else [entry["id"] for entry in plan[graph.PLAN_LISTS[fanout]]]
             bar = _progress(len(items), "+".join(names)) if progress else None
-            if pool is None or len(items) == 1:
-                for item in items:
-                    report.records += _run_group(names, root, unit, night, item, force)
-                    if bar:
-                        bar.update(1)
-            else:
-                futures = {pool.submit(_run_group, names, root, unit, night, item, force): item for item in items}
-                broken = False
-                for fut in as_completed(futures):
-                    try:
-                        report.records += fut.result()
-                    except BrokenProcessPool as exc:
-                        # a worker was killed (out of memory, most likely): the items it took down fail
-                        # as retriable, the night goes on with a fresh pool
-                        report.records.append(_lost(names[0], unit, night, futures[fut], exc))
-                        broken = True
-                    if bar:
-                        bar.update(1)
-                if broken:
-                    pool.shutdown()
-                    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+            pool = _run_items(pool, workers, names, items, (root, unit, night, force), report, bar)
             if bar:
                 bar.close()
         failed = any(r["status"] == "failed" for r in report.records)
@@ -216,6 +196,39 @@ def run_night(root: str, unit: str, night: str | None = None, *, force: bool = F
         result["report_md"] = ctx.url(ctx.run_prefix, "report.md")
     storage.put_bytes(ctx.url(ctx.run_prefix, "report.json"), json.dumps(result, indent=1, default=str).encode())
     return result
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _run_items(pool: ProcessPoolExecutor | None, workers: int, names: list[str], items: list, night_args: tuple,
+               report: NightReport, bar) -> ProcessPoolExecutor | None:
+    """One chain of stages over its items, on the pool when there is more than one; returns the pool
+    to go on with (a fresh one when a worker died)."""
+    root, unit, night, force = night_args
+    if pool is None or len(items) == 1:
+        for item in items:
+            report.records += _run_group(names, root, unit, night, item, force)
+            if bar:
+                bar.update(1)
+        return pool
+    futures = {pool.submit(_run_group, names, root, unit, night, item, force): item for item in items}
+    broken = False
+    for fut in as_completed(futures):
+        try:
+            report.records += fut.result()
+        except BrokenProcessPool as exc:
+            # a worker was killed (out of memory, most likely): the items it took down fail
+            # as retriable, the night goes on with a fresh pool
+            report.records.append(_lost(names[0], unit, night, futures[fut], exc))
+            broken = True
+        if bar:
+            bar.update(1)
+    if broken:
+        pool.shutdown()
+        return _pool(workers)
+    return pool
 
 
 def default_workers(gib_per_worker: float = 6.0) -> int:

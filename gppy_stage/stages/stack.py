@@ -156,13 +156,7 @@ def run(ctx: Night, stack: str) -> dict:
     frames = {f["id"]: f for f in ctx.plan()["frames"]}
     output_url = ctx.url(entry["output"])
     timer = Timer()
-    checked, left_out = [], []
-    for fid in entry["frames"]:
-        got = check_header(ctx, frames[fid], cfg)
-        if isinstance(got, str):
-            _leave_out(left_out, stack, fid, got)
-        else:
-            checked.append((fid, *got))
+    checked, left_out = _checked_frames(ctx, stack, [frames[fid] for fid in entry["frames"]], cfg)
     if not checked:
         _no_usable_frame(stack, left_out, output_url)
     # the hash is of the headers (each names the hashes its pixels were made from): a re-run that
@@ -176,6 +170,39 @@ def run(ctx: Night, stack: str) -> dict:
         result |= {"frames": meta.get("frames", [c[0] for c in checked]), "left_out": meta.get("left_out", left_out),
                    "skipped": True, "photometry": stack_photometry(ctx, entry)}
         return result
+    out, infos, scales, common = _coadd(ctx, stack, checked, frames, cfg, left_out, output_url)
+    header = _header(out.header, checked, infos, scales, common, left_out, work)
+    result |= {"frames": [i.id for i in infos], "left_out": left_out}
+    put_hdul(ctx.url(weight_key(entry["output"])), fits.HDUList([fits.PrimaryHDU(out.weight, header)]))
+    coverage = float(np.mean(out.weight > 0))
+    shape = list(out.image.shape)
+    put_hdul(output_url, product(out, header))
+    del out
+    write_sidecar(output_url, work, stack=stack, frames=result["frames"], left_out=left_out, zp=common)
+    log.event(_log, "stacked", stack=stack, output=entry["output"], ncombine=len(infos), left_out=len(left_out),
+              zp=round(common, 4), seconds=timer.seconds)
+    result |= {"ncombine": len(infos), "zp": common, "exptime": float(header["EXPTIME"]), "egain": header["EGAIN"],
+               "coverage": round(coverage, 4), "shape": shape, "seconds": timer.seconds}
+    result["photometry"] = stack_photometry(ctx, entry)
+    return result
+
+
+def _checked_frames(ctx: Night, stack: str, frames: list[dict], cfg: dict) -> tuple[list[tuple], list[dict]]:
+    """(frame id, header, zero point, its key) of each frame whose header allows stacking, and the
+    others with their reasons."""
+    checked, left_out = [], []
+    for frame in frames:
+        got = check_header(ctx, frame, cfg)
+        if isinstance(got, str):
+            _leave_out(left_out, stack, frame["id"], got)
+        else:
+            checked.append((frame["id"], *got))
+    return checked, left_out
+
+
+def _coadd(ctx: Night, stack: str, checked: list[tuple], frames: dict, cfg: dict, left_out: list[dict],
+           output_url: str) -> tuple[sw.SwarpResult, list[sk.FrameForStack], list[float], float]:
+    """SWarp's co-add of the frames, each read and handed over in turn, on the common zero point."""
     with sw.Coadd() as coadd:
         infos = []
         for fid, header, zp, _ in checked:
@@ -193,35 +220,27 @@ def run(ctx: Night, stack: str) -> dict:
         for index, scale in enumerate(scales):
             coadd.set_keys(index, {"FLXSCALE": scale})
         options = {"NTHREADS": int(cfg["nthreads"])} | dict(cfg.get("swarp") or {})
-        out = coadd.run(options)
+        return coadd.run(options), infos, scales, common
+
+
+def _header(swarp_header: fits.Header, checked: list[tuple], infos: list[sk.FrameForStack], scales: list[float],
+            common: float, left_out: list[dict], work: str) -> fits.Header:
+    """SWarp's header with the first frame's identity, the inputs and the provenance."""
     first = checked[0][1]
-    header = out.header.copy()
+    header = swarp_header.copy()
     for key in ("GAIN", "FLXSCALE"):
         header.remove(key, ignore_missing=True)
     for key in CARRY_KEYS:
         if key in first:
             header[key] = (first[key], first.comments[key])
     prov = sw.provenance()
-    header = sk.stack_header(header, infos, scales, common, left_out=left_out, provenance={
+    return sk.stack_header(header, infos, scales, common, left_out=left_out, provenance={
         "SWVERSN": (prov["version"], "SWarp version"), "SWCONF": (prov[sw.CONFIG], "hash of swarp.conf"),
         "PIPEVER": (__version__, "gppy-stage version"), "GPHASH": (work, "hash of inputs and settings"),
         "ZPKEY": (checked[0][3], "input header key the zero points came from"),
         # the grid's WCS is SWarp's, from inputs SCAMP solved: photometry may trust it
         "ASTROMTD": ("SWarp", "WCS of the resampled grid (inputs solved by SCAMP)"),
         "ASTRHASH": (work, "hash of the stack's inputs and settings")})
-    result |= {"frames": [i.id for i in infos], "left_out": left_out}
-    put_hdul(ctx.url(weight_key(entry["output"])), fits.HDUList([fits.PrimaryHDU(out.weight, header)]))
-    coverage = float(np.mean(out.weight > 0))
-    shape = list(out.image.shape)
-    put_hdul(output_url, product(out, header))
-    del out
-    write_sidecar(output_url, work, stack=stack, frames=result["frames"], left_out=left_out, zp=common)
-    log.event(_log, "stacked", stack=stack, output=entry["output"], ncombine=len(infos), left_out=len(left_out),
-              zp=round(common, 4), seconds=timer.seconds)
-    result |= {"ncombine": len(infos), "zp": common, "exptime": float(header["EXPTIME"]), "egain": header["EGAIN"],
-               "coverage": round(coverage, 4), "shape": shape, "seconds": timer.seconds}
-    result["photometry"] = stack_photometry(ctx, entry)
-    return result
 
 
 def _leave_out(left_out: list[dict], stack: str, frame_id: str, reason: str) -> None:

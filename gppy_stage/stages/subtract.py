@@ -22,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import shutil
+from dataclasses import dataclass
 
 import numpy as np
 from astropy.io import fits
@@ -31,6 +32,7 @@ from ..config import settings
 from ..errors import BadInputError, ConfigError
 from ..fitsio import put_hdul, read_hdul
 from ..headers import plausible_gain
+from ..science.photometry import NMAD
 from ..science.subtract import subtract as subtract_images
 from ..tools import swarp as sw
 from ..xp import device_name, get_xp
@@ -85,7 +87,7 @@ def reference_variance(ref: np.ndarray, header: fits.Header) -> np.ndarray | Non
         return None
     sample = finite[:: max(1, finite.size // 1_000_000)]
     sky = float(np.median(sample))
-    sky_var = float((1.4826 * np.median(np.abs(sample - sky))) ** 2)
+    sky_var = float((NMAD * np.median(np.abs(sample - sky))) ** 2)
     var = sky_var + np.clip(ref - sky, 0, None) / gain
     return np.where(var > 0, var, np.nan).astype(np.float32)
 
@@ -158,19 +160,65 @@ def run(ctx: Night, stack: str) -> dict:
         log.event(_log, NO_REFERENCE, level=30, stack=stack, reason=reason)
         return result | {"status": NO_REFERENCE, "flag": "no_reference", "reason": reason, "output": None}
     engine = choose_engine(cfg)
-    stack_meta = read_sidecar(stack_url) or {}
-    ref_info = storage.list_objects(ctx.url(ref_key).rsplit("/", 1)[0], recursive=False)
-    # a FITS file replaced by another of the same shape has the same size: its time tells them apart
-    ref_id = next(({"size": o.size, "mtime": o.mtime} for o in ref_info if o.key == storage.basename(ref_key)), None)
-    work = input_hash("subtract", [{"stack": entry["output"], "hash": stack_meta.get("hash")},
-                                   {"ref": ref_key, **(ref_id or {})}], {"cfg": cfg, "engine": engine})
+    work = _work_hash(ctx, entry, ref_key, {"cfg": cfg, "engine": engine})
     diff_url = ctx.url(keys["diff"])
     if is_done(diff_url, work, ctx.force):
         log.event(_log, "already subtracted from the same inputs and settings", stack=stack)
         return result | {"status": "done", "skipped": True, "reference": ref_key, **(read_sidecar(diff_url) or {}).get("summary", {})}
     timer = Timer()
+    pair = _load_pair(stack_url, ctx.url(ref_key))
+    res, device = run_subtraction(pair.new, pair.new_var, pair.new_mask, pair.ref, pair.ref_var, pair.ref_mask,
+                                  engine=engine, settings_=cfg.get("settings") or {},
+                                  new_saturation=pair.header.get("SATURATE"))
+    info = res.kernel_info
+    flux_scale = float(info.get("flux_scale", 1.0))
+    zp_ref_scaled, zp_diff = difference_zero_point(pair.zp_new, pair.zp_ref, pair.scale, flux_scale)
+    fwhm = max(float(info.get("fwhm_new", 0) or 0), float(info.get("fwhm_ref", 0) or 0)) or None
+    h = difference_header(pair, entry["output"], ref_key, zp_diff=zp_diff, fwhm=fwhm)
+    for name, value, comment in kernel_cards(info, res.convolved):
+        h[name] = (value, comment)
+    h["GPDEVICE"] = (device, "array backend of the subtraction")
+    h["PIPEVER"] = (__version__, "gppy-stage version")
+    h["GPHASH"] = (work, "hash of inputs and settings")
+    _write_products(ctx, keys, res, h, pair.ref, zp_ref_scaled)
+    summary = {"status": "done", "reference": ref_key, "engine": engine, "convolved": res.convolved,
+               "flux_scale": round(flux_scale, 5), "zp": zp_diff, "fwhm_px": fwhm,
+               "n_stamps": info.get("n_stamps"), "masked_fraction": round(float(np.mean(res.mask)), 4)}
+    write_sidecar(diff_url, work, stack=stack, summary=summary, products=keys)
+    log.event(_log, "subtracted", stack=stack, reference=ref_key, engine=engine, flux_scale=round(flux_scale, 4),
+              seconds=timer.seconds)
+    return result | summary | {"products": keys, "seconds": timer.seconds}
+
+
+def _work_hash(ctx: Night, entry: dict, ref_key: str, settings_: dict) -> str:
+    """What a difference is made from: the stack (by its own hash), the reference and the settings."""
+    stack_meta = read_sidecar(ctx.url(entry["output"])) or {}
+    ref_info = storage.list_objects(ctx.url(ref_key).rsplit("/", 1)[0], recursive=False)
+    # a FITS file replaced by another of the same shape has the same size: its time tells them apart
+    ref_id = next(({"size": o.size, "mtime": o.mtime} for o in ref_info if o.key == storage.basename(ref_key)), None)
+    return input_hash("subtract", [{"stack": entry["output"], "hash": stack_meta.get("hash")},
+                                   {"ref": ref_key, **(ref_id or {})}], settings_)
+
+
+@dataclass
+class Pair:
+    """A stack and its reference on the stack's grid and zero point, as the engines take them."""
+
+    new: np.ndarray
+    new_var: np.ndarray
+    new_mask: np.ndarray
+    header: fits.Header
+    ref: np.ndarray
+    ref_var: np.ndarray | None
+    ref_mask: np.ndarray
+    zp_new: float | None
+    zp_ref: float | None
+    scale: float
+
+
+def _load_pair(stack_url: str, ref_url: str) -> Pair:
     new, new_var, new_mask, header = load_stack(stack_url)
-    with read_hdul(ctx.url(ref_key)) as hdul:
+    with read_hdul(ref_url) as hdul:
         ref_raw = np.asarray(hdul[0].data, np.float32)
         ref_header = hdul[0].header.copy()
     zp_new, _ = zero_point(header, ("ZP",) + tuple(settings("stack")["zp_keys"]))
@@ -180,44 +228,53 @@ def run(ctx: Night, stack: str) -> dict:
     scale = 10 ** (0.4 * (zp_new - zp_ref)) if zp_new is not None and zp_ref is not None else 1.0
     ref, ref_var, ref_mask = reference_on_grid(ref_raw, ref_header, header, new.shape, scale)
     if (~ref_mask).mean() < 0.2:
-        raise BadInputError(f"reference {storage.basename(ref_key)} covers {100 * (~ref_mask).mean():.0f}% of the stack",
+        raise BadInputError(f"reference {storage.basename(ref_url)} covers {100 * (~ref_mask).mean():.0f}% of the stack",
                             path=stack_url)
-    res, device = run_subtraction(new, new_var, new_mask, ref, ref_var, ref_mask, engine=engine,
-                                  settings_=cfg.get("settings") or {}, new_saturation=header.get("SATURATE"))
-    info = res.kernel_info
-    flux_scale = float(info.get("flux_scale", 1.0))
-    # The difference is in the (scaled) reference's photometric scale, so its zero point comes from
-    # the reference's, which a deep reference knows better than the stack knows its own: the
-    # kernel's flux ratio then measures the stack's zero-point error rather than adding it.
+    return Pair(new, new_var, new_mask, header, ref, ref_var, ref_mask, zp_new, zp_ref, scale)
+
+
+def difference_zero_point(zp_new: float | None, zp_ref: float | None, scale: float,
+                          flux_scale: float) -> tuple[float | None, float | None]:
+    """(zero point of the scaled reference, of the difference).
+
+    The difference is in the (scaled) reference's photometric scale, so its zero point comes from
+    the reference's, which a deep reference knows better than the stack knows its own: the
+    kernel's flux ratio then measures the stack's zero-point error rather than adding it."""
     zp_ref_scaled = zp_ref + 2.5 * math.log10(scale) if zp_ref is not None else None
     zp_diff = zp_ref_scaled if zp_ref_scaled is not None else (
         zp_new - 2.5 * math.log10(flux_scale) if zp_new is not None else None)
-    fwhm = max(float(info.get("fwhm_new", 0) or 0), float(info.get("fwhm_ref", 0) or 0)) or None
+    return zp_ref_scaled, zp_diff
 
+
+def difference_header(pair: Pair, stack_key: str, ref_key: str, *, zp_diff: float | None,
+                      fwhm: float | None) -> fits.Header:
+    """The difference's header: the stack's WCS and identity, the reference and zero points."""
     from astropy.wcs import WCS
 
+    header = pair.header
     h = WCS(header).to_header(relax=True)
     for key in ("OBJECT", "FILTER", "TELESCOP", "DATE-OBS", "MJD", "EXPTIME", "NCOMBINE"):
         if key in header:
             h[key] = (header[key], header.comments[key])
-    h["STACK"] = (storage.basename(entry["output"]), "the new image")
+    h["STACK"] = (storage.basename(stack_key), "the new image")
     h["REFFRAME"] = (storage.basename(ref_key), "the reference image")
-    h["REFSCALE"] = (round(scale, 6), "reference multiplied by this before subtraction")
+    h["REFSCALE"] = (round(pair.scale, 6), "reference multiplied by this before subtraction")
     if zp_diff is not None:
         h["ZP"] = (round(zp_diff, 5), "mag = ZP - 2.5 log10(ADU) in the difference")
-    if zp_new is not None:
-        h["ZPNEW"] = (round(zp_new, 5), "zero point of the stack")
-    if zp_ref is not None:
-        h["ZPREF"] = (round(zp_ref, 5), "zero point of the reference as given")
+    if pair.zp_new is not None:
+        h["ZPNEW"] = (round(pair.zp_new, 5), "zero point of the stack")
+    if pair.zp_ref is not None:
+        h["ZPREF"] = (round(pair.zp_ref, 5), "zero point of the reference as given")
     if fwhm:
         h["FWHM"] = (round(fwhm, 3), "[px] PSF FWHM of the difference (broader input)")
-    for name, value, comment in kernel_cards(info, res.convolved):
-        h[name] = (value, comment)
-    h["GPDEVICE"] = (device, "array backend of the subtraction")
-    h["PIPEVER"] = (__version__, "gppy-stage version")
-    h["GPHASH"] = (work, "hash of inputs and settings")
+    return h
+
+
+def _write_products(ctx: Night, keys: dict, res, h: fits.Header, ref: np.ndarray, zp_ref_scaled: float | None) -> None:
+    """Noise, mask and the reference on the grid first, the difference last: a re-run's skip check
+    looks at the difference (and its sidecar, written after all of them)."""
     diff_hdus = [fits.PrimaryHDU(np.asarray(res.diff, np.float32), h)]
-    kernel = info.get("kernel")
+    kernel = res.kernel_info.get("kernel")
     if isinstance(kernel, np.ndarray) and kernel.ndim == 2:
         diff_hdus.append(fits.ImageHDU(kernel.astype(np.float32), name="KERNEL"))
     noise = np.where(np.isfinite(res.noise), res.noise, 0.0).astype(np.float32)
@@ -226,11 +283,4 @@ def run(ctx: Night, stack: str) -> dict:
     ref_h = h.copy()
     ref_h["ZP"] = (round(zp_ref_scaled, 5) if zp_ref_scaled is not None else "", "zero point of this image")
     put_hdul(ctx.url(keys["ref"]), fits.HDUList([fits.PrimaryHDU(ref, ref_h)]))
-    put_hdul(diff_url, fits.HDUList(diff_hdus))
-    summary = {"status": "done", "reference": ref_key, "engine": engine, "convolved": res.convolved,
-               "flux_scale": round(flux_scale, 5), "zp": zp_diff, "fwhm_px": fwhm,
-               "n_stamps": info.get("n_stamps"), "masked_fraction": round(float(np.mean(res.mask)), 4)}
-    write_sidecar(diff_url, work, stack=stack, summary=summary, products=keys)
-    log.event(_log, "subtracted", stack=stack, reference=ref_key, engine=engine, flux_scale=round(flux_scale, 4),
-              seconds=timer.seconds)
-    return result | summary | {"products": keys, "seconds": timer.seconds}
+    put_hdul(ctx.url(keys["diff"]), fits.HDUList(diff_hdus))
