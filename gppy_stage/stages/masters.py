@@ -263,9 +263,16 @@ class _Masters:
         ctx, cs = self.ctx, self.calset
         night = names.parse_night(cs["night"], config.site(cs["unit"]).night_folder)
         output = library.fringe_name(cs["unit"], night.date, cs["binning"], cs["gain"], filt, too=night.too)
-        chosen = sorted(science, key=lambda f: f["mjd"])[: int(cfg["max_frames"])]
-        used = {f["id"]: resolve_masters(ctx, f) for f in chosen}
-        support = sorted({k for m in used.values() for k in m.values()})
+        chosen, used, rejected = [], {}, []
+        for f in sorted(science, key=lambda f: f["mjd"]):
+            try:
+                used[f["id"]] = resolve_masters(ctx, f)
+            except BadInputError as exc:  # its masters failed: reduce quarantines it, the others go on
+                rejected.append({"file": f["raw"], "reason": exc.reason})
+                continue
+            chosen.append(f)
+        chosen = chosen[: int(cfg["max_frames"])]
+        support = sorted({k for f in chosen for k in used[f["id"]].values()})
         inputs = [{"key": f["raw"], "size": self.sizes.get(f["raw"])} for f in chosen]
         settings = {"defringe": cfg, "overscan": overscan_settings(cs["unit"]), "reduce": config.settings("reduce"),
                     "sigma": self.cfg["sigma"], "iterations": self.cfg["iterations"]}
@@ -275,7 +282,7 @@ class _Masters:
             log.event(_log, "already made from the same inputs and settings", master=output)
             return {"kind": library.FRINGE, "output": output, "skipped": True}
         timer = Timer()
-        relative, kept, mjds, rejected = [], [], [], []
+        relative, kept, mjds = [], [], []
         for f in chosen:
             try:
                 cal, _, _ = calibrated(ctx, f, used[f["id"]])
