@@ -50,7 +50,9 @@ def link_tracks(cx, cy, span: tuple[float, float], frames: list[tuple[np.ndarray
 
     ``vmax``: the fastest motion looked for; ``tol``: how far a detection may sit from the track;
     ``r0``: how close the track must pass the candidate during its span; ``static_tol``: the
-    radius of ``static_sources``. ``min_points`` is lowered to the number of frames when fewer.
+    radius of ``static_sources``, and the least a track must carry a source over its detections'
+    time span (``min_motion``, when None) to be motion. ``min_points`` is lowered to the number of
+    frames when fewer.
     ``fit_tol``: the farthest a detection may lie from the least-squares track (``tol`` when
     None; see ``_refit``). ``groups``: a label per frame (its stack); a group of two or more frames adds its detections
     to a track only when it holds two of them, since one stray source an hour away always lies
@@ -66,7 +68,7 @@ def link_tracks(cx, cy, span: tuple[float, float], frames: list[tuple[np.ndarray
     if m == 0 or len(frames) < 2:
         return out
     min_points = min(min_points, len(frames))
-    min_motion = tol if min_motion is None else min_motion
+    min_motion = static_tol if min_motion is None else min_motion  # beyond "the same place"
     static = static_sources(frames, static_tol)
     pts = [(np.asarray(x, float)[~s], np.asarray(y, float)[~s]) for (x, y), s in zip(frames, static)]
     trees = [cKDTree(np.c_[x, y]) if len(x) else None for x, y in pts]
