@@ -197,7 +197,7 @@ def test_sim_command_makes_the_transient_brighten_only_when_asked(tmp_path):
 
     def frame_mags(out, *extra):
         cmd = [sys.executable, "-m", "gppy_stage.cli", "sim", "night", "--out", str(out), "--size", "tiny",
-               "--filters", FILTER, "--calib", "", "--n-science", "3", "--seed", "2", *extra]
+               "--filters", FILTER, "--calib", "", "--n-science", "2", "--seed", "2", *extra]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         truth = out / "truth" / UNIT / NIGHT
