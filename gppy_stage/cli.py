@@ -179,7 +179,8 @@ def sim_night(
     unit: str = typer.Option("7DT01", "--unit", help="Unit to simulate."),
     night: str = typer.Option("2025-01-01", "--night", help="Night date (YYYY-MM-DD)."),
     filters: Optional[str] = typer.Option(None, "--filters", help="Comma-separated filters [7DT: m425,m475]."),
-    size: str = typer.Option("small", "--size", help="small (1536x1024, seconds) or full (9576x6388)."),
+    size: str = typer.Option("small", "--size", help="small (1536x1024, seconds; with --obs 1024 a side), tiny "
+                             "(half that) or full (the registry's size: 9576x6388 for 7DT)."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same night."),
     calib: str = typer.Option("bias,dark,flat", "--calib", help="Calibration frames the night has."),
     n_science: int = typer.Option(3, "--n-science", help="Science frames per filter."),
