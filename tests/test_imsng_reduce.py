@@ -268,3 +268,11 @@ def test_site_rule_names_the_overscan(tmp_path, monkeypatch):
     h, data = fits.getheader(tmp_path / "out.fits"), fits.getdata(tmp_path / "out.fits")
     assert data.shape == (298, 316) and h["OVERSCAN"] == pytest.approx(350.0, abs=0.5)
     assert np.median(data - BIAS_PATTERN[TRIM]) == pytest.approx(500.0, abs=0.5)
+
+
+def test_empty_readouts_have_a_reason():
+    from gppy_stage.science.reduce import empty_reason
+
+    assert "every pixel at 0 ADU" in empty_reason(np.zeros((64, 80), np.uint16))
+    assert "no finite pixel" in empty_reason(np.full((64, 80), np.inf, np.float32))
+    assert empty_reason(np.random.default_rng(0).normal(100, 3, (64, 80))) is None
