@@ -54,6 +54,10 @@ class BadInputError(GppyError):
     kind = "bad_input"
 
 
+class NotFoundError(BadInputError):
+    """The object does not exist."""
+
+
 class ToolError(GppyError):
     """An external program failed; the message carries its stderr."""
 

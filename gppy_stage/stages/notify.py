@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 
 from .. import log, report, storage
+from ..config import settings
 from ..errors import GppyError
 from ..notify import Slack
 from .base import Night
-from .stack import settings
 
 _log = log.get("notify")
 OK_STATUSES = ("succeeded", "success", "done")
@@ -78,8 +78,8 @@ def finish_message(ctx: Night, rep: dict | None, status: str | None, why_no_repo
 def run(ctx: Night, status: str | None = None) -> dict:
     cfg = settings("notify")
     rep, why = _load_report(ctx)
-    text = finish_message(ctx, rep, status, why, top=int(cfg.get("top_candidates", 5)))
-    sent = Slack.from_env(timeout=float(cfg.get("timeout_s", 10))).send(text)
+    text = finish_message(ctx, rep, status, why, top=int(cfg["top_candidates"]))
+    sent = Slack.from_env(timeout=float(cfg["timeout_s"])).send(text)
     return {"status": status, "sent": sent["sent"], "mode": sent["mode"], "chars": len(text)}
 
 
@@ -94,7 +94,7 @@ def notify_start(ctx: Night, plan_summary: dict) -> dict:
     Slack outage is logged, not raised."""
     text = start_message(ctx, plan_summary)
     try:
-        sent = Slack.from_env(timeout=float(settings("notify").get("timeout_s", 10))).send(text)
+        sent = Slack.from_env(timeout=float(settings("notify")["timeout_s"])).send(text)
     except GppyError as exc:
         log.event(_log, "start message not sent", level=30, reason=exc.reason)
         return {"sent": False, "error": exc.reason}
