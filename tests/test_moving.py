@@ -295,3 +295,13 @@ def test_two_frames_of_one_stack_show_a_shift_of_half_a_fwhm():
     still = moving.link_tracks([500.0], [400.0], (0.0, 1.0), [(f[0][:-1], f[1][:-1]) for f in frames],
                                [0.0, 1.0], vmax=3 * fwhm, tol=0.5 * fwhm, r0=fwhm, static_tol=0.3 * fwhm)
     assert not still["moving"][0]
+
+
+def test_mover_specs_parsed_or_refused_by_name():
+    from gppy_stage.errors import ConfigError
+
+    assert sim_movers.parse_specs("5:40, 300:-40:snr10,30:130:17.5") == [(5.0, 40.0, None), (300.0, 320.0, "snr10"),
+                                                                          (30.0, 130.0, "17.5")]
+    for bad in ("5", "5:north", "0:10", "5:10:bright"):
+        with pytest.raises(ConfigError, match=f"mover '{bad}'"):
+            sim_movers.parse_specs(bad)
