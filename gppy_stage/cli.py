@@ -303,9 +303,5 @@ def _register_optional():
 _register_optional()
 
 
-def run():  # pragma: no cover - console entry for python -m
-    app()
-
-
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

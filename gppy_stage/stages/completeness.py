@@ -37,6 +37,7 @@ import numpy as np
 from astropy.io import fits
 
 from .. import config, log, storage
+from ..config import settings
 from ..errors import BadInputError
 from ..fitsio import put_hdul, read_hdul
 from ..report import read_header
@@ -45,7 +46,7 @@ from ..science.detect import detect_candidates
 from ..science.subtract_native import DEFAULTS as NATIVE_DEFAULTS
 from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
 from .detect import candidate_aperture
-from .stack import settings, stem, zero_point
+from .stack import stem, zero_point
 from .subtract import NO_REFERENCE, choose_engine, find_reference, product_keys, reference_on_grid, run_subtraction
 
 _log = log.get("completeness")

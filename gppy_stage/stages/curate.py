@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 
 from .. import log, names, report, storage
+from ..config import settings
 from .base import Night, Timer, utcnow
-from .stack import settings, stem
+from .stack import stem
 
 _log = log.get("curate")
 
@@ -59,7 +60,7 @@ def run(ctx: Night) -> dict:
                     snapshots += 1
     manifest = {"unit": ctx.unit, "night": ctx.night, "made": utcnow(), "products": products}
     storage.put_bytes(ctx.url(ctx.run_prefix, "products.json"), json.dumps(manifest, indent=1).encode())
-    rep = report.build(report.collect(ctx.root, ctx.unit, ctx.night), top_candidates=int(cfg.get("top_candidates", 10)),
+    rep = report.build(report.collect(ctx.root, ctx.unit, ctx.night), top_candidates=int(cfg["top_candidates"]),
                        products=products)
     rep["made"] = utcnow()
     storage.put_bytes(ctx.url(ctx.run_prefix, report.REPORT_JSON), json.dumps(rep, indent=1, default=str).encode())

@@ -34,6 +34,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from .. import config, log, storage
+from ..config import settings
 from ..errors import BadInputError
 from ..science.astrometry import observation_time
 from ..science.detect import APER_FWHM, FLAG_BITS, detect_candidates, growth_correction, growth_radii
@@ -41,7 +42,7 @@ from ..science.stamps import candidate_stamps, region_text
 from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
 from .forced import light_curves
 from .photometry import product_keys as phot_keys
-from .stack import settings, stem
+from .stack import stem
 from .subtract import NO_REFERENCE, find_reference, product_keys
 
 _log = log.get("detect")
@@ -262,7 +263,7 @@ def run(ctx: Night, stack: str) -> dict:
     storage.put_bytes(ctx.url(ckeys["regions"]), region_text(t, good_score=float(cfg["min_score"])).encode())
     storage.put_bytes(table_url, buf.getvalue().encode())
     order = np.argsort(-np.asarray(t["rb_score"], float)) if len(t) else []
-    top = [_row(t[i]) for i in order if ok[i]][: int(settings("notify").get("top_candidates", 5)) * 2]
+    top = [_row(t[i]) for i in order if ok[i]][: int(settings("notify")["top_candidates"]) * 2]
     for row in top:
         if row["id"] in stamps:
             row["stamp"] = f"{ckeys['stamps']}/cand_{row['id']:04d}.png"

@@ -26,6 +26,7 @@ from astropy.table import Table
 from astropy.wcs import WCS, FITSFixedWarning
 
 from .. import config, log, storage
+from ..config import settings
 from ..errors import BadInputError
 from ..fitsio import image_hdu_index
 from ..science import forced
@@ -33,7 +34,7 @@ from ..science.astrometry import observation_time
 from ..science.detect import APER_FWHM, aperture_noise_factor, growth_correction, growth_radii
 from ..science.stamps import light_curve_png
 from .base import Night, Timer
-from .stack import has_celestial_wcs, settings, zero_point
+from .stack import has_celestial_wcs, zero_point
 from .subtract import REF_ZP_KEYS, find_reference, reference_on_grid
 
 _log = log.get("forced")

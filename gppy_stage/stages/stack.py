@@ -21,7 +21,6 @@ import numpy as np
 from astropy.io import fits
 
 from .. import __version__, config, log, storage
-from ..config import settings  # noqa: F401  (the stages that import it from here: one function, config's)
 from ..errors import BadInputError
 from ..fitsio import clean_header, put_hdul
 from ..report import read_header
