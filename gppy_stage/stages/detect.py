@@ -96,6 +96,9 @@ def add_realbogus_and_hosts(t: Table, img: dict, fwhm: float, wcs, refcat, pixsc
 
 # SExtractor FLAGS: the object is truncated at the image boundary (8), an aperture incomplete (16)
 TRUNCATED = 8 | 16
+# what the moving search reads of a frame's catalogue: half the time of reading all ~90 columns
+# (2.6 s for 30 000 rows, a full-size frame's), and the night's frames are read one by one
+CATALOGUE_COLUMNS = ("ALPHA_J2000", "DELTA_J2000", "FLUX_AUTO", "FLUXERR_AUTO", "FLAGS")
 
 
 def frame_catalogues(ctx: Night, field: str, threshold: float) -> tuple[list[Table], list[str], list[dict]]:
@@ -110,7 +113,8 @@ def frame_catalogues(ctx: Night, field: str, threshold: float) -> tuple[list[Tab
             notes.append({"frame": fr["id"], "reason": "no photometry catalogue"})
             continue
         try:
-            cat = Table.read(io.BytesIO(storage.get_bytes(ctx.url(key))), format="ascii.ecsv")
+            cat = Table.read(io.BytesIO(storage.get_bytes(ctx.url(key))), format="ascii.ecsv",
+                             include_names=list(CATALOGUE_COLUMNS))
             flux, err = np.asarray(cat["FLUX_AUTO"], float), np.asarray(cat["FLUXERR_AUTO"], float)
             ra, dec = np.asarray(cat["ALPHA_J2000"], float), np.asarray(cat["DELTA_J2000"], float)
             flags = np.asarray(cat["FLAGS"], int) if "FLAGS" in cat.colnames else np.zeros(len(cat), int)
