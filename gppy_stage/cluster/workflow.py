@@ -23,7 +23,7 @@ import tomllib
 from pathlib import Path
 
 import yaml
-from hera.workflows import DAG, Container, Parameter, Task, WorkflowTemplate
+from hera.workflows import DAG, Parameter, Task, WorkflowTemplate
 from hera.workflows import models as m
 
 from .. import errors, graph
@@ -36,35 +36,14 @@ from .submission import (  # noqa: E402,F401
     TEMPLATE_NAME, WORKFLOW_PRIORITY_BACKLOG, WORKFLOW_PRIORITY_LIVE, WORKFLOW_PRIORITY_TOO, night_workflow,
 )
 
+from .containers import CONFIG_FILE, GPU_RESOURCE, POOL_LABEL, container, planner, semaphore  # noqa: E402,F401
+
 SERVICE_ACCOUNT = "gppy-workflow"
 ARTIFACT_REPOSITORY = ("artifact-repositories", "gppy-logs")
-# the image ships config/ here (GPPY_CONFIG); the cluster's pipeline.yaml (ConfigMap gppy-config,
-# from k8s/config/pipeline.yaml) is mounted over the image's copy so settings change without a rebuild
-CONFIG_DIR = "/opt/gppy/config"
-CONFIG_FILE = "pipeline.yaml"
-OUTPUTS_DIR = "/tmp/outputs"
-# the root filesystem is read-only (Pod Security "restricted" and then some): a stage writes only
-# to these two emptyDirs. /tmp holds the planner's outputs and HOME (astropy's and CuPy's caches);
-# the scratch root holds each invocation's working folders (gppy_stage/scratch.py, GPPY_SCRATCH)
-TMP_DIR, SCRATCH_DIR = "/tmp", "/scratch"
-GPU_RESOURCE = "nvidia.com/gpu"
-POOL_LABEL = "gppy.io/pool"
 # items of one fan-out running at once inside one night (bounded so one night cannot flood
 # the cluster; the GPU semaphore bounds GPU pods across nights)
 FANOUT_PARALLELISM = {"calset": 8, "frame": 32, "stack": 16}
 WORKFLOW_PARALLELISM = 48
-STAGE_DEADLINE_S = 2 * 3600
-RETRY_LIMIT = 4
-# a stage's command line: options common to all stages get these values; an extra option a
-# stage declares in graph.extra_args must be listed here, or rendering stops (so nobody ships
-# a workflow that forgets an argument the local runner passes)
-EXTRA_ARG_VALUES = {
-    "--status": "{{workflow.status}}",
-    "--workflow": "{{workflow.name}}",
-    "--force": None,  # a flag the local runner may pass; the workflow never forces
-}
-
-
 def _version() -> str:
     # from pyproject, not importlib.metadata: the render must not depend on how (or whether)
     # the package was installed, or the committed YAML would differ between machines; an
@@ -81,14 +60,6 @@ def default_image(gpu: bool = False) -> str:
     return f"ghcr.io/7dimensionaltelescope/gppy-stage:{_version()}{'-cuda12' if gpu else ''}"
 
 
-def planner() -> graph.Stage:
-    """The one per-night stage with no ``needs``: it writes the lists every fan-out consumes."""
-    roots = [s for s in graph.ordered() if not s.needs and not s.exit_handler]
-    if len(roots) != 1 or roots[0].fanout != "night":
-        raise ValueError(f"the graph needs exactly one per-night root stage, found {[s.name for s in roots]}")
-    return roots[0]
-
-
 def group_name(fanout: str) -> str:
     """The template (and night-DAG task) running every item of a fan-out: ``frames``."""
     return graph.PLAN_LISTS[fanout]
@@ -97,123 +68,6 @@ def group_name(fanout: str) -> str:
 def item_template(fanout: str) -> str:
     """The template running one item's stages: ``one-frame``."""
     return f"one-{fanout}"
-
-
-def stage_args(stage: graph.Stage, night: str, item: str | None) -> list[str]:
-    """The container arguments for one stage, from ``stage.args`` (the same list the local runner uses)."""
-    values = {
-        "--root": "{{workflow.parameters.root}}",
-        "--obs": "{{workflow.parameters.obs}}",
-        "--night": night,
-    }
-    if stage.item_arg:
-        values[stage.item_arg] = item
-    out = ["stage", stage.name]
-    for opt in stage.args:
-        if opt in values:
-            out += [opt, values[opt]]
-        elif opt in EXTRA_ARG_VALUES:
-            if EXTRA_ARG_VALUES[opt] is not None:
-                out += [opt, EXTRA_ARG_VALUES[opt]]
-        else:
-            raise ValueError(f"stage {stage.name}: no workflow value for option {opt}; add it to EXTRA_ARG_VALUES")
-    if stage is planner():
-        out += ["--outputs-dir", OUTPUTS_DIR]
-    return out
-
-
-def _retry() -> m.RetryStrategy:
-    # Only the documented retriable exit code (and pods lost with their node, which Argo reports as
-    # an Error with no exit code) are worth another try; bad input, tool failures and bugs are not.
-    return m.RetryStrategy(
-        limit=RETRY_LIMIT,
-        retry_policy="Always",
-        expression=f'asInt(lastRetry.exitCode) == {errors.RETRIABLE} || lastRetry.status == "Error"',
-        backoff=m.Backoff(duration="30s", factor=2, max_duration="15m"),
-    )
-
-
-def _semaphore(key: str) -> m.Synchronization:
-    return m.Synchronization(
-        semaphores=[m.SemaphoreRef(config_map_key_ref=m.ConfigMapKeySelector(name=SEMAPHORE_CONFIGMAP, key=key))]
-    )
-
-
-def _env(stage: graph.Stage) -> tuple[list, list]:
-    env = [
-        m.EnvVar(name="GPPY_CONFIG", value=CONFIG_DIR),
-        m.EnvVar(name="GPPY_DEVICE", value="gpu" if stage.gpu else "cpu"),
-        m.EnvVar(name="GPPY_STAGE", value=stage.name),
-        m.EnvVar(name="GPPY_SCRATCH", value=SCRATCH_DIR),
-        # the image's home folder is on the read-only root: caches (astropy, CuPy's kernels) go to /tmp
-        m.EnvVar(name="HOME", value=TMP_DIR),
-        m.EnvVar(name="XDG_CACHE_HOME", value=f"{TMP_DIR}/.cache"),
-        m.EnvVar(name="CUPY_CACHE_DIR", value=f"{TMP_DIR}/.cupy"),
-    ]
-    # credentials come only from Secrets; the endpoint and region from a ConfigMap
-    env_from = [
-        m.EnvFromSource(config_map_ref=m.ConfigMapEnvSource(name="gppy-env")),
-        m.EnvFromSource(secret_ref=m.SecretEnvSource(name="gppy-s3")),
-    ]
-    if stage.exit_handler:
-        env_from.append(m.EnvFromSource(secret_ref=m.SecretEnvSource(name="gppy-slack", optional=True)))
-    return env, env_from
-
-
-def _container(stage: graph.Stage) -> Container:
-    inputs = [Parameter(name="night")]
-    if stage.item_arg:
-        inputs.append(Parameter(name="item"))
-    outputs = []
-    if stage is planner():
-        for fanout, key in graph.PLAN_LISTS.items():
-            outputs.append(Parameter(name=key, value_from=m.ValueFrom(path=f"{OUTPUTS_DIR}/{key}.json")))
-        # globalName: the exit handler runs outside the DAG and can only see workflow outputs;
-        # the default keeps the exit handler resolvable when the planner fails before choosing
-        outputs.append(
-            Parameter(
-                name="night",
-                global_name="night",
-                value_from=m.ValueFrom(path=f"{OUTPUTS_DIR}/night", default="{{workflow.parameters.night}}"),
-            )
-        )
-    requests = {"cpu": stage.cpu, "memory": stage.memory}
-    limits = {"memory": stage.memory}
-    kwargs = {}
-    if stage.gpu:
-        requests[GPU_RESOURCE] = "1"
-        limits[GPU_RESOURCE] = "1"
-        kwargs.update(
-            tolerations=[m.Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")],
-            node_selector={POOL_LABEL: "{{workflow.parameters.gpu-pool}}"},
-            synchronization=_semaphore(SEM_GPU),
-        )
-    env, env_from = _env(stage)
-    return Container(
-        name=stage.name,
-        image="{{workflow.parameters.gpu-image}}" if stage.gpu else "{{workflow.parameters.image}}",
-        command=["gppy"],
-        args=stage_args(stage, "{{inputs.parameters.night}}", "{{inputs.parameters.item}}"),
-        inputs=inputs,
-        outputs=outputs or None,
-        resources=m.ResourceRequirements(requests=requests, limits=limits),
-        env=env,
-        env_from=env_from,
-        volume_mounts=[
-            m.VolumeMount(name="config", mount_path=f"{CONFIG_DIR}/{CONFIG_FILE}", sub_path=CONFIG_FILE, read_only=True),
-            m.VolumeMount(name="tmp", mount_path=TMP_DIR),
-            m.VolumeMount(name="scratch", mount_path=SCRATCH_DIR),
-        ],
-        retry_strategy=_retry(),
-        active_deadline_seconds=STAGE_DEADLINE_S,
-        priority_class_name="{{workflow.parameters.priority-class}}",
-        security_context=m.SecurityContext(
-            run_as_non_root=True, run_as_user=10001, allow_privilege_escalation=False, privileged=False,
-            read_only_root_filesystem=True, capabilities=m.Capabilities(drop=["ALL"]),
-            seccomp_profile=m.SeccompProfile(type="RuntimeDefault"),
-        ),
-        **kwargs,
-    )
 
 
 PARAMETERS = [
@@ -262,27 +116,44 @@ POD_SPEC_PATCH = json.dumps({
 
 def build_template() -> WorkflowTemplate:
     stages = graph.ordered()
-    plan = planner()
     fanouts = [f for f in graph.FANOUTS if f != "night" and any(s.fanout == f for s in stages)]
     exits = [s for s in stages if s.exit_handler]
-    task_of = {s.name: (s.name if s.fanout == "night" else group_name(s.fanout)) for s in stages}
+    _check_names(stages, fanouts, exits)
+    with WorkflowTemplate(**_template_options(bool(exits))) as wt:
+        containers = {s.name: container(s) for s in stages}
+        for fanout in fanouts:
+            _fanout_templates(fanout, [s for s in stages if s.fanout == fanout], containers)
+        _night_dag(stages, containers)
+        if exits:
+            with DAG(name="exit-handler"):
+                for s in exits:
+                    Task(
+                        name=s.name,
+                        template=containers[s.name],
+                        arguments=[Parameter(name="night", value="{{workflow.outputs.parameters.night}}")],
+                    )
+    return wt
+
+
+def _check_names(stages: list[graph.Stage], fanouts: list[str], exits: list[graph.Stage]) -> None:
     for s in exits:
         users = [t.name for t in stages if s.name in t.needs]
         if users:
             raise ValueError(f"exit-handler stage {s.name} is needed by {users}; it runs after the night ends")
-
     own = ["night", "exit-handler"] + [group_name(f) for f in fanouts] + [item_template(f) for f in fanouts]
     clash = sorted(set(own) & {s.name for s in stages})
     if clash:
         raise ValueError(f"stage names {clash} clash with the workflow's own template names")
 
-    with WorkflowTemplate(
+
+def _template_options(has_exit_handler: bool) -> dict:
+    return dict(
         name=TEMPLATE_NAME,
         namespace=NAMESPACE,
         labels={"app.kubernetes.io/name": "gppy-stage", "app.kubernetes.io/component": "night"},
         annotations={"workflows.argoproj.io/description": "One 7DT night: plan, masters, frames, stacks, report."},
         entrypoint="night",
-        on_exit="exit-handler" if exits else None,
+        on_exit="exit-handler" if has_exit_handler else None,
         arguments=_parameters(),
         service_account_name=SERVICE_ACCOUNT,
         archive_logs=True,
@@ -294,7 +165,7 @@ def build_template() -> WorkflowTemplate:
         parallelism=WORKFLOW_PARALLELISM,
         priority=WORKFLOW_PRIORITY_LIVE,
         pod_priority_class_name="{{workflow.parameters.priority-class}}",
-        synchronization=_semaphore(SEM_NIGHTS),
+        synchronization=semaphore(SEM_NIGHTS),
         active_deadline_seconds=24 * 3600,
         volumes=[
             m.Volume(name="config", config_map=m.ConfigMapVolumeSource(name="gppy-config")),
@@ -307,93 +178,88 @@ def build_template() -> WorkflowTemplate:
             run_as_non_root=True, run_as_user=10001, fs_group=10001, seccomp_profile=m.SeccompProfile(type="RuntimeDefault")
         ),
         pod_spec_patch=POD_SPEC_PATCH,
-    ) as wt:
-        containers = {s.name: _container(s) for s in stages}
+    )
 
-        for fanout in fanouts:
-            members = [s for s in stages if s.fanout == fanout]
-            # one item: that fan-out's stages after what they need of it (reduce -> astrometry ->
-            # photometry; detect and completeness both after subtract, side by side), a stage
-            # needing none of them after the one before
-            with DAG(name=item_template(fanout), inputs=[Parameter(name="night"), Parameter(name="item")]):
-                prev, made = None, {}
-                for s in members:
-                    t = Task(
-                        name=s.name,
-                        template=containers[s.name],
-                        arguments=[
-                            Parameter(name="night", value="{{inputs.parameters.night}}"),
-                            Parameter(name="item", value="{{inputs.parameters.item}}"),
-                        ],
-                    )
-                    for before in [made[n] for n in s.needs if n in made] or ([prev] if prev is not None else []):
-                        before >> t
-                    prev = made[s.name] = t
-            # all items: a template of its own so that its parallelism bounds this fan-out only
-            with DAG(
-                name=group_name(fanout),
-                inputs=[Parameter(name="night"), Parameter(name="items")],
-                parallelism=FANOUT_PARALLELISM.get(fanout, 8),
-            ):
-                Task(
-                    name=fanout,
-                    template=item_template(fanout),
-                    arguments=[
-                        Parameter(name="night", value="{{inputs.parameters.night}}"),
-                        Parameter(name="item", value="{{item}}"),
-                    ],
-                    with_param="{{inputs.parameters.items}}",
-                    # one bad item (a quarantined frame) must not stop the stacks and the report;
-                    # the report names the items that failed
-                    continue_on=m.ContinueOn(failed=True),
+
+def _fanout_templates(fanout: str, members: list[graph.Stage], containers: dict) -> None:
+    """``one-<fanout>`` (one item's stages) and ``<fanout>s`` (every item, its own parallelism)."""
+    # one item: that fan-out's stages after what they need of it (reduce -> astrometry ->
+    # photometry; detect and completeness both after subtract, side by side), a stage
+    # needing none of them after the one before
+    with DAG(name=item_template(fanout), inputs=[Parameter(name="night"), Parameter(name="item")]):
+        prev, made = None, {}
+        for s in members:
+            t = Task(
+                name=s.name,
+                template=containers[s.name],
+                arguments=[
+                    Parameter(name="night", value="{{inputs.parameters.night}}"),
+                    Parameter(name="item", value="{{inputs.parameters.item}}"),
+                ],
+            )
+            for before in [made[n] for n in s.needs if n in made] or ([prev] if prev is not None else []):
+                before >> t
+            prev = made[s.name] = t
+    # all items: a template of its own so that its parallelism bounds this fan-out only
+    with DAG(
+        name=group_name(fanout),
+        inputs=[Parameter(name="night"), Parameter(name="items")],
+        parallelism=FANOUT_PARALLELISM.get(fanout, 8),
+    ):
+        Task(
+            name=fanout,
+            template=item_template(fanout),
+            arguments=[
+                Parameter(name="night", value="{{inputs.parameters.night}}"),
+                Parameter(name="item", value="{{item}}"),
+            ],
+            with_param="{{inputs.parameters.items}}",
+            # one bad item (a quarantined frame) must not stop the stacks and the report;
+            # the report names the items that failed
+            continue_on=m.ContinueOn(failed=True),
+        )
+
+
+def _night_dag(stages: list[graph.Stage], containers: dict) -> None:
+    """The entry DAG: the planner, then each fan-out's group and the later night stages."""
+    plan = planner()
+    task_of = {s.name: (s.name if s.fanout == "night" else group_name(s.fanout)) for s in stages}
+    plan_night = f"{{{{tasks.{plan.name}.outputs.parameters.night}}}}"
+    with DAG(name="night"):
+        tasks: dict[str, Task] = {}
+        members_of: dict[str, list[graph.Stage]] = {}
+        # in graph order, so the rendered DAG reads like STAGES
+        for s in stages:
+            if s.exit_handler:
+                continue
+            if s.fanout == "night":
+                night_value = "{{workflow.parameters.night}}" if s is plan else plan_night
+                tasks[s.name] = Task(
+                    name=s.name,
+                    template=containers[s.name],
+                    arguments=[Parameter(name="night", value=night_value)],
                 )
-
-        plan_night = f"{{{{tasks.{plan.name}.outputs.parameters.night}}}}"
-        with DAG(name="night"):
-            tasks: dict[str, Task] = {}
-            members_of: dict[str, list[graph.Stage]] = {}
-            # in graph order, so the rendered DAG reads like STAGES
-            for s in stages:
-                if s.exit_handler:
-                    continue
-                if s.fanout == "night":
-                    night_value = "{{workflow.parameters.night}}" if s is plan else plan_night
-                    tasks[s.name] = Task(
-                        name=s.name,
-                        template=containers[s.name],
-                        arguments=[Parameter(name="night", value=night_value)],
-                    )
-                    members_of[s.name] = [s]
-                    continue
-                name = group_name(s.fanout)
-                if name in tasks:
-                    continue
-                tasks[name] = Task(
-                    name=name,
-                    template=name,
-                    arguments=[
-                        Parameter(name="night", value=plan_night),
-                        Parameter(
-                            name="items",
-                            value=f"{{{{tasks.{plan.name}.outputs.parameters.{graph.PLAN_LISTS[s.fanout]}}}}}",
-                        ),
-                    ],
-                )
-                members_of[name] = [x for x in stages if x.fanout == s.fanout]
-            for name, t in tasks.items():
-                deps = _dag_deps(members_of[name], task_of, name)
-                if deps:
-                    t.depends = " && ".join(deps)
-
-        if exits:
-            with DAG(name="exit-handler"):
-                for s in exits:
-                    Task(
-                        name=s.name,
-                        template=containers[s.name],
-                        arguments=[Parameter(name="night", value="{{workflow.outputs.parameters.night}}")],
-                    )
-    return wt
+                members_of[s.name] = [s]
+                continue
+            name = group_name(s.fanout)
+            if name in tasks:
+                continue
+            tasks[name] = Task(
+                name=name,
+                template=name,
+                arguments=[
+                    Parameter(name="night", value=plan_night),
+                    Parameter(
+                        name="items",
+                        value=f"{{{{tasks.{plan.name}.outputs.parameters.{graph.PLAN_LISTS[s.fanout]}}}}}",
+                    ),
+                ],
+            )
+            members_of[name] = [x for x in stages if x.fanout == s.fanout]
+        for name, t in tasks.items():
+            deps = _dag_deps(members_of[name], task_of, name)
+            if deps:
+                t.depends = " && ".join(deps)
 
 
 def template_dict() -> dict:
