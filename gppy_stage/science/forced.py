@@ -114,26 +114,34 @@ def gaussian_difference(new, new_var, new_mask, ref, ref_var, ref_mask, fwhm_new
     return Difference(diff, noise, bad, "gaussian", convolved, 1.0, max(fwhm_new, fwhm_ref))
 
 
-def difference(new, new_var, new_mask, ref, ref_var, ref_mask, *, fwhm_new: float | None, fwhm_ref: float | None,
-               saturation: float | None = None, settings: dict | None = None) -> Difference:
-    """The cut-out's difference, made once: the native engine where it finds its stamp stars,
-    else the Gaussian kernel from the two FWHMs (px): ``fwhm_new``/``fwhm_ref`` as the headers
-    give them (a growth-curve fit over the whole frame beats a few stars of a cut-out), each
-    measured on its cut-out only where it is None."""
+def native_difference(new, new_var, new_mask, ref, ref_var, ref_mask, *, saturation: float | None = None,
+                      settings: dict | None = None) -> Difference:
+    """The native engine on the cut-out; BadInputError where it has too few stamp stars."""
     from gppy_stage.science.subtract import subtract
 
-    try:
-        res = subtract(np.asarray(new, np.float32), np.asarray(ref, np.float32), new_var=np.asarray(new_var, np.float32),
-                       ref_var=None if ref_var is None else np.asarray(ref_var, np.float32),
-                       new_mask=np.asarray(new_mask, bool), ref_mask=np.asarray(ref_mask, bool), engine="native",
-                       **(CUTOUT_ENGINE | {"new_saturation": saturation} | (settings or {})))
-        bad = np.asarray(res.mask, bool)
-        info = res.kernel_info
-        return Difference(_background_removed(np.asarray(res.diff), bad), np.asarray(res.noise), bad, "native",
-                          res.convolved, float(info.get("flux_scale", 1.0)),
-                          max(float(info.get("fwhm_new") or 0), float(info.get("fwhm_ref") or 0)))
-    except BadInputError:
-        pass  # too few stamp stars in the cut-out: the zero points and FWHMs have to do
+    res = subtract(np.asarray(new, np.float32), np.asarray(ref, np.float32), new_var=np.asarray(new_var, np.float32),
+                   ref_var=None if ref_var is None else np.asarray(ref_var, np.float32),
+                   new_mask=np.asarray(new_mask, bool), ref_mask=np.asarray(ref_mask, bool), engine="native",
+                   **(CUTOUT_ENGINE | {"new_saturation": saturation} | (settings or {})))
+    bad = np.asarray(res.mask, bool)
+    info = res.kernel_info
+    return Difference(_background_removed(np.asarray(res.diff), bad), np.asarray(res.noise), bad, "native",
+                      res.convolved, float(info.get("flux_scale", 1.0)),
+                      max(float(info.get("fwhm_new") or 0), float(info.get("fwhm_ref") or 0)))
+
+
+def difference(new, new_var, new_mask, ref, ref_var, ref_mask, *, fwhm_new: float | None, fwhm_ref: float | None,
+               saturation: float | None = None, settings: dict | None = None, native: bool = True) -> Difference:
+    """The cut-out's difference, made once: the native engine where it finds its stamp stars
+    (``native``), else the Gaussian kernel from the two FWHMs (px): ``fwhm_new``/``fwhm_ref`` as
+    the headers give them (a growth-curve fit over the whole frame beats a few stars of a
+    cut-out), each measured on its cut-out only where it is None."""
+    if native:
+        try:
+            return native_difference(new, new_var, new_mask, ref, ref_var, ref_mask, saturation=saturation,
+                                     settings=settings)
+        except BadInputError:
+            pass  # too few stamp stars in the cut-out: the zero points and FWHMs have to do
     fwhm_new = fwhm_new or measure_fwhm(new, np.asarray(new_mask, bool) | ~np.isfinite(new), new_var)
     fwhm_ref = fwhm_ref or measure_fwhm(ref, np.asarray(ref_mask, bool) | ~np.isfinite(ref), ref_var) or fwhm_new
     if not fwhm_new:
