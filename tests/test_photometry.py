@@ -167,6 +167,15 @@ def test_stages_end_to_end_on_a_simulated_night(tmp_path):
         again = st_phot.run(ctx, f"f{i}")
         assert again["skipped"] is True
         assert st_astro.run(ctx, f"f{i}")["skipped"] is True
+        # the one skip rule: the catalogue's sidecar holds the hash the calib header carries
+        sidecar = root / (p["catalog"] + ".json")
+        assert json.loads(sidecar.read_text())["hash"] == fits.getheader(root / key)["PHOTHASH"]
+    sidecar.unlink()  # a crash after the header, before the sidecar: the work is redone
+    assert "skipped" not in st_phot.run(ctx, "f1") and sidecar.is_file()
+    with fits.open(root / key, mode="update") as hdul:  # the frame remade (a forced reduce) lost its zero points
+        del hdul[0].header["PHOTHASH"]
+    assert "skipped" not in st_phot.run(ctx, "f1")
+    assert st_phot.run(ctx, "f1")["skipped"] is True
 
 
 def test_stage_without_reference_catalogue_is_bad_input(tmp_path):

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from astropy.io import fits
+
 from .. import __version__, storage
 from ..config import settings_hash
 from ..errors import BadInputError, ConfigError
@@ -105,11 +107,20 @@ def read_sidecar(product_url: str) -> dict | None:
         return None
 
 
-def is_done(product_url: str, work_hash: str, force: bool = False) -> bool:
-    """True when the product exists and was made from the same inputs and settings."""
+def is_done(product_url: str, work_hash: str, force: bool = False, *, stamped: fits.Header | None = None,
+            card: str = "GPHASH") -> bool:
+    """True when the product exists and was made from the same inputs and settings.
+
+    A stage that also writes into another stage's frame (photometry's zero points in the calib
+    header) passes that header as ``stamped``: the work counts as done only while the header still
+    carries the hash under ``card``, because remaking the frame (a forced reduce) drops those cards
+    while leaving this stage's own product and sidecar in place.
+    """
     if force:
         return False
     meta = read_sidecar(product_url)
+    if stamped is not None and stamped.get(card) != work_hash:
+        return False
     return bool(meta) and meta.get("hash") == work_hash and storage.exists(product_url)
 
 

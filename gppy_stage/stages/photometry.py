@@ -22,7 +22,7 @@ from ..science import astrometry as astro
 from ..science import photometry as phot
 from ..science import refcat as refcat_mod
 from ..tools import astromatic
-from .base import Night, Timer, input_hash, utcnow
+from .base import Night, Timer, input_hash, is_done, utcnow, write_sidecar
 
 _log = log.get("photometry")
 
@@ -71,7 +71,7 @@ def run_product(ctx: Night, key: str, obj: str, band: str | None, label: str | N
             ref_raw.decode(errors="replace"))], {**SETTINGS, "scheme": scheme, "sex": astromatic.provenance(
                 "source-extractor", "sextractor/default.sex", "sextractor/photometry.param", "sextractor/growth.param")})
         cat_url = ctx.url(cat_key)
-        if not ctx.force and header.get("PHOTHASH") == work and storage.exists(cat_url):
+        if is_done(cat_url, work, ctx.force, stamped=header, card="PHOTHASH"):
             log.event(_log, "already calibrated from the same inputs and settings", product=label)
             return {"skipped": True, "catalog": cat_key,
                     "zp": {ap: header.get(f"ZP_{ap}") for ap in phot.ALL_APERTURES}, "seeing": header.get("SEEING")}
@@ -97,8 +97,8 @@ def run_product(ctx: Night, key: str, obj: str, band: str | None, label: str | N
     new_header.update(result.header)
     new_header["PHOTHASH"] = (work, "hash of photometry inputs and settings")
     new_header["PIPEVER"] = (__version__, "gppy-stage version")
-    # the header is written last: its PHOTHASH is what marks the work as done
     put_hdul(output_url, fits.HDUList([fits.PrimaryHDU(data, new_header), *extensions]))
+    write_sidecar(cat_url, work, output=key, plot=png_key)
     summary = result.summary()
     out = {"output": key, "catalog": cat_key, "plot": png_key, "seeing": round(result.seeing_arcsec, 4),
            "zp": summary["zp"], "ezp": summary["ezp"], "apcor": summary["apcor"], "ul5": summary["ul5"],
