@@ -41,3 +41,14 @@ def test_a_changed_card_or_pixel_is_named(night, tmp_path):
     assert problems[0] == f"{rel}: HDU 0 PRIMARY / cards / NCOMBINE: manifest 9, now 8"
     assert problems[1].startswith(f"{rel}: HDU 0 PRIMARY / pixels: manifest ")
     assert manifest_differences(manifest(night), manifest(night)) == []
+
+
+def test_every_fits_product_names_the_pipeline_version(night):
+    """Provenance is stamped by one helper (stages.base.stamp_provenance): no product lacks it."""
+    from gppy_stage import __version__
+    from products import product_files
+
+    fits_products = [rel for rel in product_files(night) if rel.endswith(".fits")]
+    assert any(rel.split("/")[-1].startswith("calib_") for rel in fits_products)
+    unstamped = [rel for rel in fits_products if fits.getheader(night / rel).get("PIPEVER") != __version__]
+    assert not unstamped, f"FITS products without PIPEVER {__version__}: {unstamped}"

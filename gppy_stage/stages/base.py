@@ -130,6 +130,16 @@ def write_sidecar(product_url: str, work_hash: str, **meta) -> dict:
     return record
 
 
+def stamp_provenance(header: fits.Header, work_hash: str | None = None, card: str = "GPHASH",
+                     comment: str = "hash of inputs and settings") -> fits.Header:
+    """Who made a product and from what, written into its header in one place (as ccdproc's
+    ``log_to_metadata`` does): the pipeline version and, when given, the work hash under ``card``."""
+    header["PIPEVER"] = (__version__, "gppy-stage version")
+    if work_hash is not None:
+        header[card] = (work_hash, comment)
+    return header
+
+
 class Timer:
     """Wall time of a named step, for the stage timing table."""
 

@@ -16,14 +16,14 @@ import numpy as np
 from astropy.io import fits
 from astropy.time import Time
 
-from .. import __version__, config, library, log, names, storage
+from .. import config, library, log, names, storage
 from ..errors import BadInputError
 from ..fitsio import RawFrame, open_raw, put_hdul, read_hdul
 from ..headers import normalise
 from ..science import fringe, frame_qa, overscan
 from ..science.combine import clipped_stats, sigma_clipped_median
 from ..xp import device_name, get_xp, to_numpy
-from .base import Night, Timer, input_hash, is_done, product_identity, write_sidecar
+from .base import Night, Timer, input_hash, is_done, product_identity, stamp_provenance, write_sidecar
 from .reduce import calibrated, defringe_settings, overscan_settings, resolve_masters
 
 _log = log.get("masters")
@@ -83,7 +83,7 @@ def _header(kind: str, calset: dict, inputs: list[str], frames: list[RawFrame], 
     h["CLIPMED"] = (qa["clipped_median"], "sigma-clipped median of the master")
     h["CLIPSTD"] = (qa["clipped_std"], "sigma-clipped std of the master")
     h["QAVERDCT"] = (qa["verdict"], "master QA verdict")
-    h["PIPEVER"] = (__version__, "gppy-stage version")
+    stamp_provenance(h)
     h["CALSET"] = calset["id"]
     for i, key in enumerate(inputs):
         h[f"INPUT{i + 1:03d}"] = storage.basename(key)
@@ -311,7 +311,7 @@ class _Masters:
         header["XBINNING"] = header["YBINNING"] = cs["binning"]
         header["NCOMBINE"] = (len(kept), "science frames combined")
         header["NPAIRS"] = (len(pairs), "bright/dark pairs the scale is measured on")
-        header["PIPEVER"] = (__version__, "gppy-stage version")
+        stamp_provenance(header)
         header["CALSET"] = cs["id"]
         for i, key in enumerate(kept):
             header[f"INPUT{i + 1:03d}"] = storage.basename(key)

@@ -14,7 +14,7 @@ import json
 import numpy as np
 from astropy.io import fits
 
-from .. import __version__, config, log, storage
+from .. import config, log, storage
 from ..errors import BadInputError
 from ..fitsio import put_hdul, read_hdul
 from ..names import convention, phot_keys, strip_fits_suffix
@@ -22,7 +22,7 @@ from ..science import astrometry as astro
 from ..science import photometry as phot
 from ..science import refcat as refcat_mod
 from ..tools import astromatic
-from .base import Night, Timer, input_hash, is_done, utcnow, write_sidecar
+from .base import Night, Timer, input_hash, is_done, stamp_provenance, utcnow, write_sidecar
 
 _log = log.get("photometry")
 
@@ -95,8 +95,7 @@ def run_product(ctx: Night, key: str, obj: str, band: str | None, label: str | N
     storage.put_bytes(ctx.url(png_key), phot.zp_plot(result, title=f"{stem}  ({band})"))
     new_header = header.copy()
     new_header.update(result.header)
-    new_header["PHOTHASH"] = (work, "hash of photometry inputs and settings")
-    new_header["PIPEVER"] = (__version__, "gppy-stage version")
+    stamp_provenance(new_header, work, "PHOTHASH", "hash of photometry inputs and settings")
     put_hdul(output_url, fits.HDUList([fits.PrimaryHDU(data, new_header), *extensions]))
     write_sidecar(cat_url, work, output=key, plot=png_key)
     summary = result.summary()

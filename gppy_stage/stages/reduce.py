@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 from astropy.io import fits
 
-from .. import __version__, config, library, log, storage
+from .. import config, library, log, storage
 from ..errors import BadInputError
 from ..fitsio import clean_header, open_raw, put_hdul, read_hdul
 from ..headers import normalise
@@ -25,6 +25,7 @@ from .base import (
     is_done,
     product_identity,
     read_sidecar,
+    stamp_provenance,
     write_sidecar,
 )
 
@@ -203,8 +204,7 @@ def run(ctx: Night, frame: str) -> dict:
     header["NCRPIX"] = (ncr, "pixels flagged as cosmic rays")
     header["NSATPIX"] = (int(np.count_nonzero(mask & MASK_BITS["SATURATED"])), "saturated pixels")
     header["RAWFILE"] = storage.basename(entry["raw"])
-    header["PIPEVER"] = (__version__, "gppy-stage version")
-    header["GPHASH"] = (work, "hash of inputs and settings")
+    stamp_provenance(header, work)
     header["GPDEVICE"] = (device_name(xp), "array backend of the reduction")
     put_hdul(output_url, product(data, variance, mask, header))
     extra = {"fringe": fringe_key, "fringe_scale": scale} if fringe_cfg else {}
@@ -255,7 +255,7 @@ def reduce_file(url: str, out_url: str, obs: str | None = None, cosmic_rays: boo
     for key in ("NAXIS1", "NAXIS2", "BZERO", "BSCALE", "BITPIX"):
         header.remove(key, ignore_missing=True)
     header["NCRPIX"] = (ncr, "pixels flagged as cosmic rays")
-    header["PIPEVER"] = (__version__, "gppy-stage version")
+    stamp_provenance(header)
     put_hdul(out_url, product(data, variance, mask, header))
     return {"input": url, "output": out_url, "imagetyp": header["IMAGETYP"], "filter": header.get("FILTER"),
             "overscan": header.get("OVERSCAN"), "cosmic_ray_pixels": ncr, "shape": list(np.shape(data))}
