@@ -193,6 +193,8 @@ def run_night(root: str, unit: str, night: str | None = None, *, force: bool = F
         night_report = json.loads(storage.get_bytes(curated))
         result["candidates"] = night_report.get("candidates", [])
         result["moving"] = night_report.get("moving", [])
+        result["stack_quality"] = [{k: st.get(k) for k in ("id", "filter", "status", "depth", "cmpl50", "cmpl90")}
+                                   for st in night_report.get("stacks", [])]
         result["report_md"] = ctx.url(ctx.run_prefix, "report.md")
     storage.put_bytes(ctx.url(ctx.run_prefix, "report.json"), json.dumps(result, indent=1, default=str).encode())
     return result
@@ -278,6 +280,11 @@ def summary_text(report: dict) -> str:
         lines.append(f"    ! {f.get('item')}: {f['reason']} ({f.get('stage')}, exit {f.get('exit_code')})")
     for s in report.get("skipped", []):
         lines.append(f"    ~ {s['file']}: {s['reason']} (not planned)")
+    if report.get("stack_quality"):  # how deep each stack is, and how far down its search finds stars
+        lines.append(f"    {'stack':<24}{'filter':>7}{'depth5s':>9}{'CMPL50':>8}{'CMPL90':>8}")
+        for st in report["stack_quality"]:
+            lines.append(f"    {st['id']:<24}{st['filter']:>7}{_num(st['depth'], 9, 2)}{_num(st['cmpl50'], 8, 2)}"
+                         f"{_num(st['cmpl90'], 8, 2)}")
     if "candidates" in report:
         lines.append(f"  transient candidates that pass: {len(report['candidates'])}")
         if report["candidates"]:
@@ -285,7 +292,7 @@ def summary_text(report: dict) -> str:
         for c in report["candidates"]:
             lines.append(f"    {c['stack']:<24}{c['id']:>4}{c['ra']:>12.6f}{c['dec']:>12.6f}{_num(c['mag'], 8, 2)}"
                          f"{_num(c['magerr'], 7, 3)}{_num(c['snr'], 7, 1)}{_num(c.get('rb_score'), 9, 2)}  "
-                         f"{c.get('stamp', '-')}")
+                         f"{c.get('stamp', '-')}" + (f"  light curve {c['light_curve']}" if c.get("light_curve") else ""))
         if report.get("moving"):  # one row per object, linked across the night's stacks
             lines.append(f"  moving objects: {len(report['moving'])}")
             for m in report["moving"]:
