@@ -47,11 +47,6 @@ def get_xp(device: str | None = None):
     raise ConfigError(f"GPPY_DEVICE must be cpu, gpu or auto, not {device!r}")
 
 
-def xp_of(array):
-    """The namespace an array belongs to."""
-    return numpy if isinstance(array, numpy.ndarray) else (_cupy() or numpy)
-
-
 def to_numpy(array) -> numpy.ndarray:
     """A host (NumPy) array of a NumPy or CuPy array, or of anything array-like.
 

@@ -15,6 +15,7 @@ from astro_synth import make_frame, refcat_csv_bytes, sim_calib_frames, write_ca
 
 from gppy_stage.errors import BadInputError  # noqa: E402
 from gppy_stage.science import astrometry as A  # noqa: E402
+from gppy_stage.science import phot_products  # noqa: E402
 from gppy_stage.science import photometry as P  # noqa: E402
 from gppy_stage.science import refcat as R  # noqa: E402
 
@@ -88,7 +89,7 @@ def test_catalogue_columns_and_plot(tmp_path):
     data, h, var, truth, ref = _solved(0)
     r = P.photometry(data, h, ref, "m425", pixscale=0.505, gain=0.78, saturation=60000, variance=var)
     path = tmp_path / "x.phot.cat"
-    path.write_bytes(P.catalog_bytes(r.catalog))
+    path.write_bytes(phot_products.catalog_bytes(r.catalog))
     t = Table.read(path, format="ascii")
     for col in ["ALPHA_J2000", "DELTA_J2000", "X_IMAGE", "Y_IMAGE", "FWHM_IMAGE", "FLAGS", "MAG_AUTO", "MAG_AUTO_m425",
                 "SNR_AUTO_m425"]:

@@ -14,7 +14,8 @@
    of point sources are total magnitudes); ``APC_<AP>`` is that loss from the growth curve, so
    the zero point of total flux is ZP_<AP> + APC_<AP>.
 
-Pure functions on arrays, Tables and Headers.
+Pure functions on arrays, Tables and Headers; the growth curve is :mod:`growth`, the header cards
+and the catalogue written are :mod:`phot_products`.
 """
 
 from __future__ import annotations
@@ -30,16 +31,15 @@ from astropy.io import fits
 from astropy.stats import sigma_clip, sigma_clipped_stats
 from astropy.table import Table
 from astropy.wcs import WCS, FITSFixedWarning
-from scipy.optimize import least_squares
 
 from ..errors import BadInputError
 from ..tools import astromatic
+from . import phot_products as products
 from . import transforms
 from .astrometry import weight_and_flag
+from .growth import GrowthCurve, growth_curve, growth_diameters
+from .phot_products import ALL_APERTURES, APERTURES
 
-# aperture suffixes in catalogue order (SExtractor's FLUX_APER(6) columns 0..5)
-APERTURES = ("APER", "APER_1", "APER_2", "APER_3", "APER_4", "APER_5")
-ALL_APERTURES = ("AUTO",) + APERTURES
 NMAD = 1.4826
 # the median of N normal values scatters 1.2533 times more than their mean
 MEDIAN_EFFICIENCY = 1.2533
@@ -86,21 +86,6 @@ def reference_band(reference: Table, band: str) -> tuple[Table, transforms.Trans
     return transforms.derive_band(reference, t), t
 
 
-def growth_diameters(pixscale: float, n: int = 30) -> np.ndarray:
-    """First-pass aperture diameters (pixels): 1 px to 40" (at least 40 px)."""
-    dmax = max(40.0 / pixscale, 40.0)
-    return np.geomspace(1.0, dmax, n)
-
-
-def moffat_fraction(radius, alpha: float, beta: float):
-    """Fraction of a Moffat profile's flux inside ``radius``."""
-    return 1.0 - (1.0 + (np.asarray(radius, float) / alpha) ** 2) ** (1.0 - beta)
-
-
-def moffat_fwhm(alpha: float, beta: float) -> float:
-    return 2.0 * alpha * np.sqrt(2.0 ** (1.0 / beta) - 1.0)
-
-
 # ----------------------------------------------------------------------------- sky and stars
 
 def sky_stats(data: np.ndarray, mask: np.ndarray | None = None, step: int = 2) -> tuple[float, float]:
@@ -132,52 +117,6 @@ def select_stars(cat: Table, *, saturation: float, sky: float = 0.0, min_snr: fl
         keep[np.flatnonzero(ok)[~clipped.mask]] = True
         ok = keep
     return ok
-
-
-@dataclass
-class GrowthCurve:
-    diameters: np.ndarray  # px
-    curve: np.ndarray  # median flux(d) / flux(d_ref)
-    snr: np.ndarray  # median S/N at each diameter
-    best_diameter: float  # px, the aperture of best S/N
-    alpha: float  # Moffat fit (px)
-    beta: float
-    reference_diameter: float
-    nstars: int
-
-    @property
-    def fwhm(self) -> float:
-        return moffat_fwhm(self.alpha, self.beta)
-
-    def correction(self, diameter: float) -> float:
-        """Aperture correction (mag, >= 0) from ``diameter`` to total flux."""
-        return float(-2.5 * np.log10(moffat_fraction(diameter / 2.0, self.alpha, self.beta)))
-
-
-def growth_curve(cat: Table, stars: np.ndarray, diameters: np.ndarray, fwhm_px: float) -> GrowthCurve:
-    """Median growth curve of ``stars`` and its Moffat fit (apertures beyond ~6 FWHM are left
-    out of the fit: there a small background error outweighs the missing wings)."""
-    flux = np.asarray(cat["FLUX_APER"], float)[stars]
-    err = np.asarray(cat["FLUXERR_APER"], float)[stars]
-    d_ref = diameters[np.argmin(np.abs(diameters - 4.0 * fwhm_px))]
-    iref = int(np.argmin(np.abs(diameters - d_ref)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        norm = flux / flux[:, iref:iref + 1]
-        snr = np.where(err > 0, flux / err, 0)
-    curve = np.nanmedian(norm, axis=0)
-    snr_med = np.nanmedian(snr, axis=0)
-    best = float(diameters[int(np.nanargmax(snr_med))])
-    use = (diameters <= 6.0 * fwhm_px) & (diameters >= 0.5 * fwhm_px) & np.isfinite(curve)
-
-    def resid(p):
-        alpha, beta = np.exp(p[0]), 1.0 + np.exp(p[1])
-        model = moffat_fraction(diameters[use] / 2, alpha, beta) / moffat_fraction(d_ref / 2, alpha, beta)
-        return model - curve[use]
-
-    alpha0 = fwhm_px / (2 * np.sqrt(2 ** (1 / 3.0) - 1))
-    fit = least_squares(resid, [np.log(alpha0), np.log(2.0)], bounds=([np.log(0.1), np.log(0.05)], [np.log(1e3), np.log(50.0)]))
-    alpha, beta = float(np.exp(fit.x[0])), float(1.0 + np.exp(fit.x[1]))
-    return GrowthCurve(diameters, curve, snr_med, best, alpha, beta, float(d_ref), int(stars.sum()))
 
 
 # ----------------------------------------------------------------------------- zero points
@@ -295,21 +234,67 @@ def photometry(
     the aperture set, ``7dt`` or ``gppy`` (IMSNG/GECKO sites).
     Raises PhotometryError (a BadInputError) with the reason when the frame cannot be calibrated.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        wcs = WCS(header)
-    if not wcs.has_celestial:
-        raise PhotometryError("frame has no WCS: run astrometry first")
+    wcs = _celestial_wcs(header)
     if reference is None or len(reference) == 0:
         raise PhotometryError("no reference catalogue")
     reference, trans = reference_band(reference, band)
     weight, flag = weight_and_flag(mask, variance, data.shape)
     sky, skysig = sky_stats(data, mask)
-    # 1. growth curve
+    sex = {"header": header, "weight": weight, "flag": flag, "gain": gain, "saturation": saturation,
+           "pixscale": pixscale}
+    growth, seeing, seeing_se, ellip = _seeing(data, sex, sky)
+    apers = aperture_diameters(seeing, pixscale, scheme, best_px=growth.best_diameter)
+    cat = _sextractor(data, sex, "sextractor/photometry.param", seeing, list(apers.values()))
+    if len(cat) == 0:
+        raise PhotometryError("no sources detected")
+    ra, dec = wcs.all_pix2world(np.asarray(cat["XWIN_IMAGE"], float), np.asarray(cat["YWIN_IMAGE"], float), 1)
+    ref_mag, ref_err, good = _matched_reference(cat, ra, dec, reference, band, match_radius_arcsec)
+    zps = {ap: zero_point(ref_mag, ref_err, *_instrumental(cat, ap), good, aperture=ap, mag_range=mag_range,
+                          max_ref_err=max_ref_err) for ap in ALL_APERTURES}
+    ul5 = _depths(cat, good, zps, skysig, apers)
+    apcor = {ap: growth.correction(apers[ap]) for ap in APERTURES}
+    out = products.calibrated_catalog(cat, zps, band, ra, dec)
+    out["REF_MAG"] = ref_mag
+    hdr = products.seeing_cards(seeing, seeing_se, pixscale, growth, ellip, sky, skysig)
+    hdr["REFCAT"] = (str(reference.meta.get("REFCAT", "unknown"))[:60], "photometric reference catalogue")
+    hdr["NSTARZP"] = (int(zps["APER_1"].n), "stars in the APER_1 zero point")
+    hdr["BESTAPER"] = (round(growth.best_diameter * pixscale, 3), "[arcsec] diameter of best S/N (growth curve)")
+    hdr["NGROWTH"] = (growth.nstars, "stars in the growth curve")
+    products.zero_point_cards(hdr, zps, ul5, apers, apcor, pixscale)
+    for key, value in cat.meta.items():
+        hdr[key] = value
+    if trans is not None:
+        for key, card in trans.header_cards().items():
+            hdr[key] = card
+    if scheme == "gppy":
+        hdr.update(products.gppy_cards(zps, ul5, apers, seeing, pixscale, cat, good, mag_range))
+    extra = {"apcor": apcor, "ul5": ul5, "skyval": sky, "skysig": skysig, "ellip": ellip,
+             "seeing_moffat_arcsec": growth.fwhm * pixscale, "seeing_sextractor_arcsec": seeing_se}
+    return PhotResult(out, hdr, zps, growth, seeing, apers, band, extra)
+
+
+def _celestial_wcs(header: fits.Header) -> WCS:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        wcs = WCS(header)
+    if not wcs.has_celestial:
+        raise PhotometryError("frame has no WCS: run astrometry first")
+    return wcs
+
+
+def _sextractor(data, sex: dict, params: str, seeing_arcsec: float, diameters) -> Table:
+    return astromatic.sextractor(data, sex["header"], weight=sex["weight"], flag=sex["flag"], params=params,
+                                 options=_sex_options(sex["gain"], sex["saturation"], sex["pixscale"],
+                                                      seeing_arcsec, diameters))
+
+
+def _seeing(data, sex: dict, sky: float) -> tuple[GrowthCurve, float, float, float]:
+    """The first pass: (growth curve, seeing, SExtractor's seeing, ellipticity) of the bright
+    unsaturated stars, seeing in arcsec."""
+    pixscale = sex["pixscale"]
     diam = growth_diameters(pixscale)
-    cat1 = astromatic.sextractor(data, header, weight=weight, flag=flag, params="sextractor/growth.param",
-                                 options=_sex_options(gain, saturation, pixscale, 2.5, diam))
-    stars = select_stars(cat1, saturation=saturation, sky=sky)
+    cat1 = _sextractor(data, sex, "sextractor/growth.param", 2.5, diam)
+    stars = select_stars(cat1, saturation=sex["saturation"], sky=sky)
     if stars.sum() < 5:
         raise PhotometryError(f"too few bright unsaturated stars for the seeing ({int(stars.sum())} < 5)")
     fwhm_px = float(np.median(np.asarray(cat1["FWHM_IMAGE"], float)[stars]))
@@ -319,148 +304,34 @@ def photometry(
     seeing_se = fwhm_px * pixscale
     seeing = growth.fwhm * pixscale if 0.75 < growth.fwhm / fwhm_px < 1.25 else seeing_se
     ellip = float(np.median(np.asarray(cat1["ELLIPTICITY"], float)[stars]))
-    # 2. the 7DT apertures
-    apers = aperture_diameters(seeing, pixscale, scheme, best_px=growth.best_diameter)
-    cat = astromatic.sextractor(data, header, weight=weight, flag=flag, params="sextractor/photometry.param",
-                                options=_sex_options(gain, saturation, pixscale, seeing, list(apers.values())))
-    if len(cat) == 0:
-        raise PhotometryError("no sources detected")
-    ra, dec = wcs.all_pix2world(np.asarray(cat["XWIN_IMAGE"], float), np.asarray(cat["YWIN_IMAGE"], float), 1)
-    idx, matched = match(ra, dec, reference, match_radius_arcsec)
+    return growth, seeing, seeing_se, ellip
+
+
+def _matched_reference(cat: Table, ra, dec, reference: Table, band: str, radius_arcsec: float):
+    """(reference mag, its error, usable for the zero point?) per source; NaN where unmatched."""
+    idx, matched = match(ra, dec, reference, radius_arcsec)
     ref_mag = np.where(matched, np.asarray(reference[f"mag_{band}"], float)[idx], np.nan)
     ecol = f"magerr_{band}"
     ref_err = np.where(matched, np.asarray(reference[ecol], float)[idx] if ecol in reference.colnames else np.nan, np.nan)
     good = (np.asarray(cat["FLAGS"]) == 0) & matched
     if "IMAFLAGS_ISO" in cat.colnames:
         good &= np.asarray(cat["IMAFLAGS_ISO"]) == 0
-    zps: dict[str, ZeroPoint] = {}
-    for ap in ALL_APERTURES:
-        if ap == "AUTO":
-            inst, inst_err = cat["MAG_AUTO"], cat["MAGERR_AUTO"]
-        else:
-            k = APERTURES.index(ap)
-            inst, inst_err = np.asarray(cat["MAG_APER"])[:, k], np.asarray(cat["MAGERR_APER"])[:, k]
-        zps[ap] = zero_point(ref_mag, ref_err, inst, inst_err, good, aperture=ap, mag_range=mag_range,
-                             max_ref_err=max_ref_err)
+    return ref_mag, ref_err, good
+
+
+def _instrumental(cat: Table, ap: str):
+    """(mag, error) of one aperture (or AUTO) of the second pass."""
+    if ap == "AUTO":
+        return cat["MAG_AUTO"], cat["MAGERR_AUTO"]
+    k = APERTURES.index(ap)
+    return np.asarray(cat["MAG_APER"])[:, k], np.asarray(cat["MAGERR_APER"])[:, k]
+
+
+def _depths(cat: Table, good, zps: dict[str, ZeroPoint], skysig: float, apers: dict[str, float]) -> dict[str, float]:
     # AUTO's area from the stars' Kron ellipses, for its depth
     kron_area = np.pi * np.asarray(cat["A_IMAGE"]) * np.asarray(cat["B_IMAGE"]) * np.asarray(cat["KRON_RADIUS"]) ** 2
     auto_d = 2 * np.sqrt(np.nanmedian(kron_area[good]) / np.pi) if good.any() else apers["APER_2"]
-    ul5 = {ap: depth(zps[ap].zp, skysig, auto_d if ap == "AUTO" else apers[ap]) for ap in ALL_APERTURES}
-    apcor = {ap: growth.correction(apers[ap]) for ap in APERTURES}
-    out = calibrated_catalog(cat, zps, band, ra, dec)
-    out["REF_MAG"] = ref_mag
-    hdr = fits.Header()
-    hdr["SEEING"] = (round(seeing, 4), "[arcsec] FWHM of bright stars (growth-curve fit)")
-    hdr["PEEING"] = (round(seeing / pixscale, 4), "[pixel] FWHM of bright stars")
-    hdr["SEEINGSE"] = (round(seeing_se, 4), "[arcsec] median SExtractor FWHM_IMAGE of bright stars")
-    hdr["MOFBETA"] = (round(growth.beta, 3), "Moffat beta of the growth-curve fit")
-    hdr["ELLIP"] = (round(ellip, 4), "median ellipticity of bright stars")
-    hdr["SKYVAL"] = (round(sky, 4), "[ADU] sigma-clipped median sky")
-    hdr["SKYSIG"] = (round(skysig, 4), "[ADU] sigma-clipped sky standard deviation")
-    hdr["REFCAT"] = (str(reference.meta.get("REFCAT", "unknown"))[:60], "photometric reference catalogue")
-    hdr["NSTARZP"] = (int(zps["APER_1"].n), "stars in the APER_1 zero point")
-    hdr["BESTAPER"] = (round(growth.best_diameter * pixscale, 3), "[arcsec] diameter of best S/N (growth curve)")
-    hdr["NGROWTH"] = (growth.nstars, "stars in the growth curve")
-    for ap in ALL_APERTURES:
-        _set(hdr, f"ZP_{ap}", round(zps[ap].zp, 5), f"zero point, {ap} (ref - inst, AB)")
-        _set(hdr, f"EZP_{ap}", round(zps[ap].ezp, 5), f"zero-point error, {ap}")
-        _set(hdr, f"UL5_{ap}", round(ul5[ap], 4), f"5-sigma depth, {ap} (AB)")
-        _set(hdr, f"NZP_{ap}", zps[ap].n, f"stars in the zero point, {ap}")
-        if ap != "AUTO":
-            _set(hdr, f"APER{ap[4:]}", round(apers[ap] * pixscale, 4), f"[arcsec] diameter of {ap}")
-            _set(hdr, f"APC_{ap}", round(apcor[ap], 5), f"[mag] aperture correction to total, {ap}")
-    # The zero point of the image itself (total flux of a point source), which is what scaling
-    # images to one another needs: the seeing-scaled aperture's, corrected to total.
-    hdr["ZPTOT"] = (round(zps["APER_1"].zp + apcor["APER_1"], 5), "total-flux zero point (ZP_APER_1 + APC_APER_1)")
-    hdr["EZPTOT"] = (round(zps["APER_1"].ezp, 5), "error of ZPTOT")
-    for key, value in cat.meta.items():
-        hdr[key] = value
-    if trans is not None:
-        for key, card in trans.header_cards().items():
-            hdr[key] = card
-    if scheme == "gppy":
-        hdr.update(gppy_cards(zps, ul5, apers, seeing, pixscale, cat, good, mag_range))
-    extra = {"apcor": apcor, "ul5": ul5, "skyval": sky, "skysig": skysig, "ellip": ellip,
-             "seeing_moffat_arcsec": growth.fwhm * pixscale, "seeing_sextractor_arcsec": seeing_se}
-    return PhotResult(out, hdr, zps, growth, seeing, apers, band, extra)
-
-
-def gppy_cards(zps, ul5, apers, seeing, pixscale, cat, good, mag_range) -> fits.Header:
-    """gpPy's own keys (SilverRon/gppy phot/gregoryphot_mp_2021.py), so its users' scripts read an
-    IMSNG/GECKO frame as before: per aperture k (0 = AUTO, 1 = APER, ... 6 = APER_5) ``ZP_k``,
-    ``ZPER_k``, ``UL5_k``, ``STDNUM_k``; the optimal aperture ``APERPIX`` [px] and ``NAPER``
-    (= APERPIX / seeing in px); ``ELONG``; the reference magnitude range ``MAGLOW``/``MAGUP``.
-    gpPy's ``APER_k`` keys are diameters in pixels; here they stay arcsec, as on 7DT frames."""
-    hdr = fits.Header()
-    for k, ap in enumerate(ALL_APERTURES):
-        hdr[f"ZP_{k}"] = (round(zps[ap].zp, 3), f"zero point for MAG_{ap} (gpPy)")
-        hdr[f"ZPER_{k}"] = (round(zps[ap].ezp, 3), f"zero-point error for MAG_{ap} (gpPy)")
-        hdr[f"UL5_{k}"] = (round(ul5[ap], 3), f"5 sigma limit mag for MAG_{ap} (gpPy)")
-        hdr[f"STDNUM_{k}"] = (zps[ap].n, f"# of std stars for MAG_{ap} (gpPy)")
-    hdr["APERPIX"] = (round(apers["APER"], 3), "[pixel] S/N-optimal aperture diameter")
-    hdr["NAPER"] = (round(apers["APER"] * pixscale / seeing, 3), "N = APERTURE/PEEING")
-    hdr["ELONG"] = (round(float(np.nanmedian(np.asarray(cat["ELONGATION"], float)[good])) if good.any()
-                          else float("nan"), 3), "median elongation A/B of reference stars")
-    hdr["MAGLOW"] = (mag_range[0], "ref mag range, bright limit")
-    hdr["MAGUP"] = (mag_range[1], "ref mag range, faint limit")
-    return hdr
-
-
-def _set(hdr: fits.Header, key: str, value, comment: str) -> None:
-    # 7DT's long names (ZP_APER_1, EZP_APER_1...) need HIERARCH; say so to avoid astropy's warning
-    hdr[f"HIERARCH {key}" if len(key) > 8 else key] = (value, comment)
-
-
-def calibrated_catalog(cat: Table, zps: dict[str, ZeroPoint], band: str, ra=None, dec=None) -> Table:
-    """The *.phot.cat columns: instrumental and zero-point corrected magnitudes, fluxes in uJy and
-    S/N for AUTO and each aperture, plus positions, shapes and flags."""
-    out = Table()
-    for col in ("NUMBER", "X_IMAGE", "Y_IMAGE", "XWIN_IMAGE", "YWIN_IMAGE"):
-        out[col] = cat[col]
-    out["ALPHA_J2000"] = np.asarray(ra if ra is not None else cat["ALPHA_J2000"], float)
-    out["DELTA_J2000"] = np.asarray(dec if dec is not None else cat["DELTA_J2000"], float)
-    for col in ("A_IMAGE", "B_IMAGE", "THETA_IMAGE", "ELONGATION", "ELLIPTICITY", "FWHM_IMAGE", "FWHM_WORLD",
-                "FLUX_RADIUS", "CLASS_STAR", "BACKGROUND", "ISOAREA_IMAGE", "FLUX_MAX", "KRON_RADIUS", "FLAGS",
-                "FLAGS_WEIGHT", "IMAFLAGS_ISO"):
-        if col in cat.colnames:
-            out[col] = cat[col]
-    if "FWHM_WORLD" in out.colnames:
-        out["FWHM_WORLD"] = np.asarray(out["FWHM_WORLD"], float) * 3600.0  # arcsec, as 7DT writes it
-    for ap in ALL_APERTURES:
-        if ap == "AUTO":
-            flux, ferr = np.asarray(cat["FLUX_AUTO"], float), np.asarray(cat["FLUXERR_AUTO"], float)
-            mag, merr = np.asarray(cat["MAG_AUTO"], float), np.asarray(cat["MAGERR_AUTO"], float)
-        else:
-            k = APERTURES.index(ap)
-            flux, ferr = np.asarray(cat["FLUX_APER"], float)[:, k], np.asarray(cat["FLUXERR_APER"], float)[:, k]
-            mag, merr = np.asarray(cat["MAG_APER"], float)[:, k], np.asarray(cat["MAGERR_APER"], float)[:, k]
-        zp = zps[ap]
-        bad = ~(flux > 0)
-        mag_cal = np.where(bad, np.nan, mag + zp.zp)
-        merr_cal = np.where(bad, np.nan, np.hypot(merr, zp.ezp))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            snr = np.where(ferr > 0, flux / ferr, 0.0)
-        # fluxes in microjansky: AB magnitude 23.9 is 1 uJy
-        ujy = np.where(bad, np.nan, 10 ** ((23.9 - mag_cal) / 2.5))
-        out[f"FLUX_{ap}"] = flux
-        out[f"FLUXERR_{ap}"] = ferr
-        out[f"MAG_{ap}"] = np.where(bad, 99.0, mag)
-        out[f"MAGERR_{ap}"] = np.where(bad, 99.0, merr)
-        out[f"MAG_{ap}_{band}"] = mag_cal
-        out[f"MAGERR_{ap}_{band}"] = merr_cal
-        out[f"FLUX_{ap}_{band}"] = ujy
-        out[f"FLUXERR_{ap}_{band}"] = np.where(snr > 0, ujy / snr, np.nan)
-        out[f"SNR_{ap}_{band}"] = snr
-    return out
-
-
-def catalog_bytes(table: Table) -> bytes:
-    """The catalogue as text that ``Table.read(path, format="ascii")`` reads back (ECSV)."""
-    buf = io.StringIO()
-    t = table.copy(copy_data=False)
-    t.meta = {}
-    t.write(buf, format="ascii.ecsv")
-    return buf.getvalue().encode()
+    return {ap: depth(zps[ap].zp, skysig, auto_d if ap == "AUTO" else apers[ap]) for ap in ALL_APERTURES}
 
 
 def zp_plot(result: PhotResult, title: str = "", aperture: str = "APER_1") -> bytes:

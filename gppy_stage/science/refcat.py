@@ -186,14 +186,6 @@ def at_epoch(table: Table, when: Time | float | str) -> Table:
     return out
 
 
-def in_field(table: Table, wcs, shape: tuple[int, int], margin_px: float = 0.0) -> Table:
-    """Rows that fall on the frame (with a margin) through ``wcs``."""
-    x, y = wcs.all_world2pix(table["ra"], table["dec"], 0)
-    ny, nx = shape
-    keep = (x > -margin_px) & (x < nx - 1 + margin_px) & (y > -margin_px) & (y < ny - 1 + margin_px)
-    return table[keep]
-
-
 def scamp_reference(table: Table, band: str | None = None, *, mag_limit: float | None = None) -> Table:
     """The LDAC-ready table SCAMP reads as ``ASTREF_CATALOG FILE`` (see config/scamp.conf)."""
     if band is None or f"mag_{band}" not in table.colnames:

@@ -19,6 +19,7 @@ from ..errors import BadInputError
 from ..fitsio import put_hdul, read_hdul
 from ..names import convention, phot_keys, strip_fits_suffix
 from ..science import astrometry as astro
+from ..science import phot_products
 from ..science import photometry as phot
 from ..science import refcat as refcat_mod
 from ..tools import astromatic
@@ -91,7 +92,7 @@ def run_product(ctx: Night, key: str, obj: str, band: str | None, label: str | N
         max_ref_err=SETTINGS["max_ref_err"], scheme=scheme,
     )
     stem = strip_fits_suffix(key.rsplit("/", 1)[-1])
-    storage.put_bytes(cat_url, phot.catalog_bytes(result.catalog))
+    storage.put_bytes(cat_url, phot_products.catalog_bytes(result.catalog))
     storage.put_bytes(ctx.url(png_key), phot.zp_plot(result, title=f"{stem}  ({band})"))
     new_header = header.copy()
     new_header.update(result.header)
