@@ -10,7 +10,7 @@ import contextlib
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from astropy.io import fits
@@ -18,6 +18,8 @@ from astropy.utils.exceptions import AstropyUserWarning
 
 from . import log, storage
 from .errors import BadInputError
+from .science.combine import sigma_clipped_median
+from .xp import to_numpy
 
 _log = log.get("fitsio")
 
@@ -92,6 +94,25 @@ class RawFrame:
 
     def close(self):
         self._hdul.close()
+
+
+def combine_files(frames: list[RawFrame], prepare: Callable[[np.ndarray, int, int, int], np.ndarray],
+                  *, sigma: float, iterations: int, chunk_rows: int, xp=np) -> tuple[np.ndarray, int]:
+    """Sigma-clipped median of frames, chunk by chunk. ``prepare(rows, start, stop, i)`` calibrates
+    frame ``i``'s rows before combining. Returns the image and the fewest frames any pixel kept."""
+    shape = frames[0].shape
+    for f in frames[1:]:
+        if f.shape != shape:
+            raise BadInputError(f"frame is {f.shape[1]}x{f.shape[0]}, the set is {shape[1]}x{shape[0]}", path=f.url)
+    out = np.empty(shape, dtype=np.float32)
+    fewest = len(frames)
+    for start in range(0, shape[0], chunk_rows):
+        stop = min(start + chunk_rows, shape[0])
+        stack = xp.stack([xp.asarray(prepare(f.rows(start, stop), start, stop, i)) for i, f in enumerate(frames)])
+        med, n = sigma_clipped_median(stack, sigma=sigma, iterations=iterations, xp=xp)
+        out[start:stop] = to_numpy(med)
+        fewest = min(fewest, int(to_numpy(n).min()))
+    return out, fewest
 
 
 @contextlib.contextmanager

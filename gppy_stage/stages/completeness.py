@@ -104,17 +104,7 @@ def measure(ctx: Night, entry: dict, cfg: dict, det_cfg: dict, sub_cfg: dict, di
     """Inject, subtract, detect and fit on a window of one stack; the record the products hold."""
     keys = product_keys(entry["output"])
     stack_url, diff_url = ctx.url(entry["output"]), ctx.url(keys["diff"])
-    header, diff_header, ref_header = (read_header(u) for u in (stack_url, diff_url, ctx.url(keys["ref"])))
-    if header is None or diff_header is None:
-        raise BadInputError("stack or difference header unreadable", path=stack_url if header is None else diff_url)
-    shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
-    box = window(shape, int(cfg["window"]))
-    stack_px = _window_arrays(stack_url, box, (0, "VARIANCE", "MASK"))
-    new = stack_px[0].astype(np.float32)
-    new_var = stack_px["VARIANCE"].astype(np.float32)
-    new_mask = stack_px["MASK"] != 0
-    real = {n: _window_arrays(ctx.url(keys[k]), box, (0,))[0] for n, k in (("diff", "diff"), ("noise", "noise"),
-                                                                              ("mask", "mask"))}
+    (header, diff_header, ref_header), box, (new, new_var, new_mask), real = _load_window(ctx, keys, stack_url, cfg)
     fwhm = float(diff_header.get("FWHM") or 0) or float(header.get("PEEING") or 0)
     if not fwhm > 0:
         raise BadInputError("no FWHM in the difference's header", path=diff_url)
@@ -138,35 +128,13 @@ def measure(ctx: Night, entry: dict, cfg: dict, det_cfg: dict, sub_cfg: dict, di
                   aper_corr=aper_corr)
     # what the real difference already holds: sites keep clear of it, so a find is an injection
     before = detect_candidates(real["diff"], real["noise"], real["mask"] != 0, **search)
-    spacing = max(float(cfg["spacing_fwhm"]) * fwhm, float(psf.shape[0]))  # two stars' boxes never overlap
-    # and clear of the stars the subtraction may fit its kernel on: an artificial star in a stamp
-    # tilted the fitted background by 0.3 ADU across a small stack (its light has no match in
-    # the reference), which made every artificial star 0.1-0.3 mag too faint to find
-    stamp_half = int((sub_cfg.get("settings") or {}).get("stamp_half", NATIVE_DEFAULTS["stamp_half"]))
-    sites = cm.injection_sites(new.shape, (real["mask"] != 0) | new_mask, spacing=spacing,
-                               margin=int(math.ceil(float(cfg["edge_fwhm"]) * fwhm)) + psf.shape[0] // 2,
-                               clear=float(cfg["clear_fwhm"]) * fwhm, rng=rng,
-                               avoid=((_det_xy(before), spacing / 2),
-                                      (stars, stamp_half + float(cfg["star_clear_fwhm"]) * fwhm)))
+    xy, mags = _place_sources(cfg, sub_cfg, box, (real["mask"] != 0) | new_mask, psf, stars, before, fwhm, depth, rng)
     del real
-    n = min(int(cfg["n_sources"]), len(sites))
-    if n < int(cfg["min_sources"]):
-        raise Unmeasurable(f"room for only {n} artificial sources in the {box[1] - box[0]}x{box[3] - box[2]} px "
-                           f"window (need {cfg['min_sources']})")
-    xy = sites[np.sort(rng.choice(len(sites), n, replace=False))]
-    mags = rng.uniform(depth - float(cfg["mag_below"]), depth + float(cfg["mag_above"]), n)
+    n = len(xy)
     cm.inject(new, new_var, psf, xy, 10 ** (-0.4 * (mags - zp_new)),
               gain=float(header["EGAIN"]) if header.get("EGAIN") else None, rng=rng)
-    ref_key = (diff_meta.get("summary") or {}).get("reference") or find_reference(ctx.root, entry["field"],
-                                                                                   entry["filter"])
-    with read_hdul(ctx.url(ref_key)) as hdul:
-        ref_raw, ref_raw_header = np.asarray(hdul[0].data, np.float32), hdul[0].header.copy()
-    ref, ref_var, ref_mask = reference_on_grid(ref_raw, ref_raw_header, window_header(header, box), new.shape,
-                                               float(diff_header.get("REFSCALE", 1.0)))
-    del ref_raw
-    res, _ = run_subtraction(new, new_var, new_mask, ref, ref_var, ref_mask, engine=choose_engine(sub_cfg),
-                             settings_=sub_cfg.get("settings") or {}, new_saturation=saturation)
-    del new, new_var, ref, ref_var
+    res = _subtract_injected(ctx, entry, diff_meta, sub_cfg, (header, diff_header), box, (new, new_var, new_mask))
+    del new, new_var
     # the real search's noise correction: the artificial stars are signal, and hundreds of them
     # in a small window would widen the S/N map's scatter that measures it (0.94 -> 1.05)
     after = detect_candidates(res.diff, res.noise, res.mask, noise_factor=float(before.meta["NOISECOR"]), **search)
@@ -189,6 +157,62 @@ def measure(ctx: Night, entry: dict, cfg: dict, det_cfg: dict, sub_cfg: dict, di
             "sources": [[round(float(x) + box[2], 2), round(float(y) + box[0], 2), round(float(m), 3), bool(r),
                          _round(float(f))] for (x, y), m, r, f in zip(xy, mags, recovered, mag_found)],
             "sources_columns": ["x", "y", "mag", "recovered", "mag_found"]}
+
+
+def _load_window(ctx: Night, keys: dict, stack_url: str, cfg: dict):
+    """The headers of the stack, its difference and reference; the window measured; the stack's
+    pixels, variance and mask there, and the real difference, noise and mask there."""
+    diff_url = ctx.url(keys["diff"])
+    header, diff_header, ref_header = (read_header(u) for u in (stack_url, diff_url, ctx.url(keys["ref"])))
+    if header is None or diff_header is None:
+        raise BadInputError("stack or difference header unreadable", path=stack_url if header is None else diff_url)
+    shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
+    box = window(shape, int(cfg["window"]))
+    stack_px = _window_arrays(stack_url, box, (0, "VARIANCE", "MASK"))
+    new = stack_px[0].astype(np.float32)
+    new_var = stack_px["VARIANCE"].astype(np.float32)
+    new_mask = stack_px["MASK"] != 0
+    real = {n: _window_arrays(ctx.url(keys[k]), box, (0,))[0] for n, k in (("diff", "diff"), ("noise", "noise"),
+                                                                              ("mask", "mask"))}
+    return (header, diff_header, ref_header), box, (new, new_var, new_mask), real
+
+
+def _place_sources(cfg: dict, sub_cfg: dict, box, masked, psf, stars, before, fwhm: float, depth: float, rng):
+    """(positions, magnitudes) of the artificial sources: apart, off masked pixels, clear of what
+    the real difference holds (so a find is an injection) and of the kernel's stamp stars."""
+    spacing = max(float(cfg["spacing_fwhm"]) * fwhm, float(psf.shape[0]))  # two stars' boxes never overlap
+    # clear of the stars the subtraction may fit its kernel on: an artificial star in a stamp
+    # tilted the fitted background by 0.3 ADU across a small stack (its light has no match in
+    # the reference), which made every artificial star 0.1-0.3 mag too faint to find
+    stamp_half = int((sub_cfg.get("settings") or {}).get("stamp_half", NATIVE_DEFAULTS["stamp_half"]))
+    sites = cm.injection_sites(masked.shape, masked, spacing=spacing,
+                               margin=int(math.ceil(float(cfg["edge_fwhm"]) * fwhm)) + psf.shape[0] // 2,
+                               clear=float(cfg["clear_fwhm"]) * fwhm, rng=rng,
+                               avoid=((_det_xy(before), spacing / 2),
+                                      (stars, stamp_half + float(cfg["star_clear_fwhm"]) * fwhm)))
+    n = min(int(cfg["n_sources"]), len(sites))
+    if n < int(cfg["min_sources"]):
+        raise Unmeasurable(f"room for only {n} artificial sources in the {box[1] - box[0]}x{box[3] - box[2]} px "
+                           f"window (need {cfg['min_sources']})")
+    xy = sites[np.sort(rng.choice(len(sites), n, replace=False))]
+    mags = rng.uniform(depth - float(cfg["mag_below"]), depth + float(cfg["mag_above"]), n)
+    return xy, mags
+
+
+def _subtract_injected(ctx: Night, entry: dict, diff_meta: dict, sub_cfg: dict, headers, box, stack_px):
+    """The window of the stack, artificial sources in, minus the night's reference, as the
+    subtract stage made it (same engine, settings and reference scale)."""
+    (header, diff_header), (new, new_var, new_mask) = headers, stack_px
+    ref_key = (diff_meta.get("summary") or {}).get("reference") or find_reference(ctx.root, entry["field"],
+                                                                                   entry["filter"])
+    with read_hdul(ctx.url(ref_key)) as hdul:
+        ref_raw, ref_raw_header = np.asarray(hdul[0].data, np.float32), hdul[0].header.copy()
+    ref, ref_var, ref_mask = reference_on_grid(ref_raw, ref_raw_header, window_header(header, box), new.shape,
+                                               float(diff_header.get("REFSCALE", 1.0)))
+    del ref_raw
+    res, _ = run_subtraction(new, new_var, new_mask, ref, ref_var, ref_mask, engine=choose_engine(sub_cfg),
+                             settings_=sub_cfg.get("settings") or {}, new_saturation=header.get("SATURATE"))
+    return res
 
 
 def _round(v, nd: int = 3):

@@ -10,42 +10,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from typing import Callable
-
 import numpy as np
 from astropy.io import fits
 from astropy.time import Time
 
 from .. import config, library, log, names, storage
 from ..errors import BadInputError
-from ..fitsio import RawFrame, open_raw, put_hdul, read_hdul
+from ..fitsio import RawFrame, combine_files, open_raw, put_hdul, read_hdul
 from ..headers import normalise
 from ..science import fringe, frame_qa, overscan
-from ..science.combine import clipped_stats, sigma_clipped_median
-from ..xp import device_name, get_xp, to_numpy
+from ..science.combine import clipped_stats
+from ..xp import device_name, get_xp
 from .base import Night, Timer, input_hash, is_done, product_identity, stamp_provenance, write_sidecar
 from .reduce import calibrated, defringe_settings, overscan_settings, resolve_masters
 
 _log = log.get("masters")
-
-
-def combine_files(frames: list[RawFrame], prepare: Callable[[np.ndarray, int, int, int], np.ndarray],
-                  *, sigma: float, iterations: int, chunk_rows: int, xp=np) -> tuple[np.ndarray, int]:
-    """Sigma-clipped median of frames, chunk by chunk. ``prepare(rows, start, stop, i)`` calibrates
-    frame ``i``'s rows before combining. Returns the image and the fewest frames any pixel kept."""
-    shape = frames[0].shape
-    for f in frames[1:]:
-        if f.shape != shape:
-            raise BadInputError(f"frame is {f.shape[1]}x{f.shape[0]}, the set is {shape[1]}x{shape[0]}", path=f.url)
-    out = np.empty(shape, dtype=np.float32)
-    fewest = len(frames)
-    for start in range(0, shape[0], chunk_rows):
-        stop = min(start + chunk_rows, shape[0])
-        stack = xp.stack([xp.asarray(prepare(f.rows(start, stop), start, stop, i)) for i, f in enumerate(frames)])
-        med, n = sigma_clipped_median(stack, sigma=sigma, iterations=iterations, xp=xp)
-        out[start:stop] = to_numpy(med)
-        fewest = min(fewest, int(to_numpy(n).min()))
-    return out, fewest
 
 
 def _mean_mjd(frames: list[RawFrame]) -> float:
@@ -129,26 +108,53 @@ class _Masters:
                              exptime=exptime)
         return (found.key, found.exptime) if found else None
 
-    def build(self, kind: str, entry: dict) -> dict:
-        ctx, cs = self.ctx, self.calset
-        output = entry["output"]
+    def _supports(self, kind: str) -> dict:
+        """The masters a kind is made with: a bias for darks and flats, a scalable dark for flats."""
         support: dict = {}
         if kind in ("dark", "flat"):
             zero = self._support("zero")
             if zero is None:
-                raise BadInputError(f"no master bias for calibration set {cs['id']}: cannot make the {kind}")
+                raise BadInputError(f"no master bias for calibration set {self.calset['id']}: cannot make the {kind}")
             support["zero"] = zero[0]
         if kind == "flat":
             dark = self._support("dark", exptime=None)
             if dark is not None and dark[1]:  # a dark without an exposure time cannot be scaled
                 support["dark"], support["dark_exptime"] = dark
+        return support
+
+    def _work(self, kind: str, entry: dict, support: dict) -> str:
+        unit = self.calset["unit"]
         inputs = [{"key": k, "size": self.sizes.get(k)} for k in entry["frames"]]
-        used = [product_identity(ctx, support[k]) for k in ("zero", "dark") if k in support]
+        used = [product_identity(self.ctx, support[k]) for k in ("zero", "dark") if k in support]
         settings = {k: self.cfg[k] for k in ("sigma", "iterations")} | {"qa": self.cfg["qa"]} | \
-            {"instrument": dataclasses.asdict(config.instrument(cs["unit"]))}
-        if overscan_settings(cs["unit"]) is not None:  # none for 7DT: its hashes stay as they were
-            settings["overscan"] = overscan_settings(cs["unit"])
-        work = input_hash(f"masters/{kind}", inputs + [support] + used, settings)
+            {"instrument": dataclasses.asdict(config.instrument(unit))}
+        if overscan_settings(unit) is not None:  # none for 7DT: its hashes stay as they were
+            settings["overscan"] = overscan_settings(unit)
+        return input_hash(f"masters/{kind}", inputs + [support] + used, settings)
+
+    def _kind_cards(self, kind: str, entry: dict, image, frames: list) -> dict:
+        """The cards of one kind of master (a flat is normalised here, in place, to its median)."""
+        extra = {}
+        if kind == "flat":
+            norm = float(np.nanmedian(image[::4, ::4]))
+            image /= norm
+            extra["FILTER"] = entry["filter"]
+            extra["FLATNORM"] = (norm, "median the master was divided by")
+        if kind == "dark":
+            extra["EXPTIME"] = (entry["exptime"], "exposure of the darks (s)")
+            gain = float(frames[0].header.get("EGAIN", config.instrument(self.calset["unit"]).gain))
+            hot = int(np.count_nonzero(image * gain / max(entry["exptime"], 1e-3)
+                                       > config.settings("reduce")["hot_dark_rate"]))
+            extra["NHOTPIX"] = (hot, "pixels above the hot dark-rate threshold")
+        if kind == "zero":
+            extra["EXPTIME"] = 0.0
+        return extra
+
+    def build(self, kind: str, entry: dict) -> dict:
+        ctx, cs = self.ctx, self.calset
+        output = entry["output"]
+        support = self._supports(kind)
+        work = self._work(kind, entry, support)
         url = ctx.url(output)
         if is_done(url, work, ctx.force):
             log.event(_log, "already made from the same inputs and settings", master=output)
@@ -179,20 +185,7 @@ class _Masters:
 
             image, fewest = combine_files(frames, prepare, sigma=self.cfg["sigma"], iterations=self.cfg["iterations"],
                                           chunk_rows=int(self.cfg["chunk_rows"]), xp=self.xp)
-            extra = {}
-            if kind == "flat":
-                norm = float(np.nanmedian(image[::4, ::4]))
-                image /= norm
-                extra["FILTER"] = entry["filter"]
-                extra["FLATNORM"] = (norm, "median the master was divided by")
-            if kind == "dark":
-                extra["EXPTIME"] = (entry["exptime"], "exposure of the darks (s)")
-                gain = float(frames[0].header.get("EGAIN", config.instrument(cs["unit"]).gain))
-                hot = int(np.count_nonzero(image * gain / max(entry["exptime"], 1e-3)
-                                           > config.settings("reduce")["hot_dark_rate"]))
-                extra["NHOTPIX"] = (hot, "pixels above the hot dark-rate threshold")
-            if kind == "zero":
-                extra["EXPTIME"] = 0.0
+            extra = self._kind_cards(kind, entry, image, frames)
             qa = _qa(kind, image, config.instrument(cs["unit"]), levels)
             if isinstance(frames[0], overscan.Prepared):
                 extra.update({k: v for k, v in frames[0].cards(fit_order).items() if k != "OVERSCAN"})
@@ -301,20 +294,7 @@ class _Masters:
         del relative
         pairs = fringe.choose_pairs(image, grid=int(cfg["grid"]), box=int(cfg["box"]))
         mjd = float(np.mean(mjds))
-        header = fits.Header()
-        header["IMAGETYP"] = "FRINGE"
-        header["OBSTYPE"] = ("master fringe", "gppy-stage master frame")
-        header["FILTER"] = filt
-        header["MJD"] = (mjd, "mean MJD of the inputs")
-        header["DATE-OBS"] = (Time(mjd, format="mjd").isot, "mean time of the inputs")
-        header["BUNIT"] = ("sky", "fringe as a fraction of the sky, median 0")
-        header["XBINNING"] = header["YBINNING"] = cs["binning"]
-        header["NCOMBINE"] = (len(kept), "science frames combined")
-        header["NPAIRS"] = (len(pairs), "bright/dark pairs the scale is measured on")
-        stamp_provenance(header)
-        header["CALSET"] = cs["id"]
-        for i, key in enumerate(kept):
-            header[f"INPUT{i + 1:03d}"] = storage.basename(key)
+        header = _fringe_header(cs, filt, mjd, kept, len(pairs))
         table = fits.BinTableHDU.from_columns(
             [fits.Column(name=n, format="J", array=pairs[:, i]) for i, n in enumerate(("YBRIGHT", "XBRIGHT", "YDARK", "XDARK"))],
             name="PAIRS")
@@ -325,6 +305,24 @@ class _Masters:
         log.event(_log, "master made", master=output, ncombine=len(kept), pairs=len(pairs), seconds=timer.seconds)
         return {"kind": library.FRINGE, "output": output, "ncombine": len(kept), "rejected": rejected,
                 "seconds": timer.seconds}
+
+
+def _fringe_header(cs: dict, filt: str, mjd: float, kept: list[str], npairs: int) -> fits.Header:
+    header = fits.Header()
+    header["IMAGETYP"] = "FRINGE"
+    header["OBSTYPE"] = ("master fringe", "gppy-stage master frame")
+    header["FILTER"] = filt
+    header["MJD"] = (mjd, "mean MJD of the inputs")
+    header["DATE-OBS"] = (Time(mjd, format="mjd").isot, "mean time of the inputs")
+    header["BUNIT"] = ("sky", "fringe as a fraction of the sky, median 0")
+    header["XBINNING"] = header["YBINNING"] = cs["binning"]
+    header["NCOMBINE"] = (len(kept), "science frames combined")
+    header["NPAIRS"] = (npairs, "bright/dark pairs the scale is measured on")
+    stamp_provenance(header)
+    header["CALSET"] = cs["id"]
+    for i, key in enumerate(kept):
+        header[f"INPUT{i + 1:03d}"] = storage.basename(key)
+    return header
 
 
 def _fringe_bands(ctx: Night, cs: dict) -> list[tuple[str, list[dict], dict]]:
