@@ -18,7 +18,8 @@ stage, locally and on Argo; its three lists are what the fan-outs iterate over:
   "skipped": [{"file", "reason"}], "warnings": [str]
 }
 ```
-Keys are relative to the root. Frame ids are the raw file stems; they are unique in a night. Every
+The JSON schema of this contract is ``gppy_stage/plan_types.py`` (tests/test_plan_schema.py
+validates a planned night against it). Keys are relative to the root. Frame ids are the raw file stems; they are unique in a night. Every
 name is built from header values through ``names.safe_name``; a frame whose OBJECT is not a safe
 name gets the safe one as its field, with a warning.
 """
