@@ -281,6 +281,7 @@ def summary_text(report: dict) -> str:
     for s in report.get("skipped", []):
         lines.append(f"    ~ {s['file']}: {s['reason']} (not planned)")
     if report.get("stack_quality"):  # how deep each stack is, and how far down its search finds stars
+        lines.append("  stacks: 5-sigma depth and the magnitudes where half and 90 % of artificial stars are found")
         lines.append(f"    {'stack':<24}{'filter':>7}{'depth5s':>9}{'CMPL50':>8}{'CMPL90':>8}")
         for st in report["stack_quality"]:
             lines.append(f"    {st['id']:<24}{st['filter']:>7}{_num(st['depth'], 9, 2)}{_num(st['cmpl50'], 8, 2)}"
