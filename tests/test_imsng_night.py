@@ -124,9 +124,6 @@ def test_transient_found_and_mover_flagged(nights, obs):
 @pytest.mark.parametrize("obs", SITES)
 def test_transient_passes_real_bogus(nights, obs):
     rows = match_transient(nights[obs]["objects"]["transient"], nights[obs]["report"]["candidates"], 1.0)
-    if obs == "LOAO" and not all(r["found"] for r in rows):
-        pytest.xfail("the real/bogus model (trained on 7DT's 0.505\"/px, FWHM ~5 px) scores LOAO's 2-2.8 px "
-                     "transient below rb_threshold: it needs examples at the site's sampling")
     assert all(r["found"] for r in rows), rows
 
 

@@ -6,9 +6,10 @@ the detect stage cuts them, each with its label (1 real, 0 bogus), its kind and 
 galaxy (whose imperfect subtraction leaves a residual). Bogus: cosmic-ray residuals (dots and
 tracks), misaligned-star dipoles, saturated-star wings (core masked), hot pixels, bad columns,
 reference artefacts (a reference-only blob, faded; a hole in the reference, brightened).
-Seeing, sky noise, its correlation (a difference is partly convolved) and the candidate's
-centroid error vary from stamp to stamp. Only examples above the detection threshold (S/N 5) are kept, as only those become
-candidates. Pure in the seed.
+Seeing (FWHM 1.5-7.5 px, the sites' samplings; the features are scaled by an estimate of the FWHM,
+off the true one as the detect stage's is), sky noise, its correlation (a difference is partly
+convolved) and the candidate's centroid error vary from stamp to stamp. Only examples above the
+detection threshold (S/N 5) are kept, as only those become candidates. Pure in the seed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ from .render import add_moffat
 
 HALF = 15
 BOGUS_KINDS = ("cosmic", "dipole", "saturated", "hot_pixel", "bad_column", "ref_artefact")
+# the PSF FWHM (px) of the sites of config/instruments.csv, LOAO's 1.5" on 0.794"/px to KCT's 2"
+# on 0.306"/px, so that one model serves them all (RASA36's 2.36"/px, about 1 px, is not covered)
+FWHM_RANGE = (1.5, 7.5)
+# the detect stage's FWHM is an estimate (the stack's or the difference's header, measured on
+# resampled images): on an LOAO night it was 1.35x the Moffat's true FWHM of 1.9 px
+FWHM_ESTIMATE_RATIO = (0.85, 1.45)
+FWHM_BINS = (1.5, 2.5, 3.5, 5.0, 7.5)
 
 
 def _psf(shape, x, y, fwhm, beta, flux=1.0):
@@ -54,7 +62,8 @@ def _galaxy(rng, shape, c, fwhm, beta):
 def _one(rng, kind: str):
     shape = (2 * HALF + 1,) * 2
     c = float(HALF)
-    fwhm = rng.uniform(1.5, 6.0)
+    fwhm = math.exp(rng.uniform(*np.log(FWHM_RANGE)))
+    fwhm_est = fwhm * math.exp(rng.uniform(*np.log(FWHM_ESTIMATE_RATIO)))
     beta = rng.uniform(2.2, 4.5)
     sigma = 10 ** rng.uniform(0, 2)
     corr = rng.uniform(0, 0.8)
@@ -160,25 +169,27 @@ def _one(rng, kind: str):
     ix, iy = int(round(tx - jx)), int(round(ty - jy))
     sh = (HALF - iy, HALF - ix)
     diff, noise_s, mask_s, ref_s = (np.roll(a, sh, axis=(0, 1)) for a in (diff, noise, mask, ref))
-    return features(diff, noise_s, mask_s, ref_s, fwhm, tx - jx - ix, ty - jy - iy, sign, star_dist)
+    return features(diff, noise_s, mask_s, ref_s, fwhm_est, tx - jx - ix, ty - jy - iy, sign, star_dist), fwhm
 
 
-def _detected(rng, kind: str, min_snr: float = 5.0, tries: int = 50) -> np.ndarray:
-    """An example the detect stage would have found: its PSF S/N above the threshold."""
+def _detected(rng, kind: str, min_snr: float = 5.0, tries: int = 50) -> tuple[np.ndarray, float]:
+    """An example the detect stage would have found (its PSF S/N above the threshold) and its true FWHM."""
     for _ in range(tries):
-        f = _one(rng, kind)
+        f, fwhm = _one(rng, kind)
         if f[0] >= min_snr:
-            return f
-    return f
+            return f, fwhm
+    return f, fwhm
 
 
-def examples(seed: int, n_real: int, n_bogus: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features (n, len(FEATURES)), labels 1 real / 0 bogus, kinds): bogus kinds in equal shares."""
+def examples(seed: int, n_real: int, n_bogus: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(features (n, len(FEATURES)), labels 1 real / 0 bogus, kinds, true FWHM in px): bogus kinds
+    in equal shares."""
     rng = np.random.default_rng(seed)
     kinds = ["real"] * n_real + [BOGUS_KINDS[i % len(BOGUS_KINDS)] for i in range(n_bogus)]
-    X = np.array([_detected(rng, k) for k in kinds], float).reshape(len(kinds), len(FEATURES))
+    drawn = [_detected(rng, k) for k in kinds]
+    X = np.array([f for f, _ in drawn], float).reshape(len(kinds), len(FEATURES))
     y = np.array([1 if k == "real" else 0 for k in kinds])
-    return X, y, np.array(kinds)
+    return X, y, np.array(kinds), np.array([w for _, w in drawn], float)
 
 
 def evaluate(y, p, keep_real: float = 0.95) -> dict:
@@ -192,6 +203,24 @@ def evaluate(y, p, keep_real: float = 0.95) -> dict:
             "bogus_pass": float(np.mean(p[y == 0] >= thr)), "real_pass": float(np.mean(p[y == 1] >= thr))}
 
 
+def by_fwhm(y, p, fwhm, threshold: float) -> dict:
+    """``evaluate`` per bin of true FWHM (``FWHM_BINS``, px), each with its own threshold keeping
+    95 % of its real sources, plus the real and bogus fractions passing ``threshold`` (one for all
+    FWHMs, as the detect stage has one)."""
+    y, p, fwhm = np.asarray(y), np.asarray(p, float), np.asarray(fwhm, float)
+    out = {}
+    for lo, hi in zip(FWHM_BINS[:-1], FWHM_BINS[1:]):
+        sel = (fwhm >= lo) & (fwhm < hi)
+        ys, ps = y[sel], p[sel]
+        fig = {"n_real": int((ys == 1).sum()), "n_bogus": int((ys == 0).sum())}
+        if fig["n_real"] and fig["n_bogus"]:
+            fig |= evaluate(ys, ps) | {"real_pass_at": float(np.mean(ps[ys == 1] >= threshold)),
+                                       "bogus_pass_at": float(np.mean(ps[ys == 0] >= threshold)),
+                                       "at": float(threshold)}
+        out[f"{lo:g}-{hi:g}"] = fig
+    return out
+
+
 def train(seed: int, n_real: int, n_bogus: int, out, command: str = "") -> dict:
     """Train the classifier on ``examples(seed, ...)``, judge it on ``examples(seed + 1, ...)``
     (a quarter as many) and save it with its card (``science.realbogus.save_model``)."""
@@ -199,14 +228,15 @@ def train(seed: int, n_real: int, n_bogus: int, out, command: str = "") -> dict:
 
     from ..science.realbogus import save_model
 
-    X, y, _ = examples(seed, n_real, n_bogus)
+    X, y, _, _ = examples(seed, n_real, n_bogus)
     model = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.08, max_leaf_nodes=31,
                                            l2_regularization=1.0, random_state=seed)
     model.fit(X, y)
-    Xv, yv, kv = examples(seed + 1, max(n_real // 4, 1), max(n_bogus // 4, 1))
+    Xv, yv, kv, wv = examples(seed + 1, max(n_real // 4, 1), max(n_bogus // 4, 1))
     pv = model.predict_proba(Xv)[:, 1]
     figures = evaluate(yv, pv)
     figures["bogus_pass_by_kind"] = {k: float(np.mean(pv[kv == k] >= figures["threshold"])) for k in BOGUS_KINDS}
+    figures["by_fwhm"] = by_fwhm(yv, pv, wv, figures["threshold"])
     card = {"command": command, "train_seed": seed, "validation_seed": seed + 1, "n_real": n_real,
             "n_bogus": n_bogus, "n_validation": int(len(yv)), "validation": figures}
     save_model(model, out, card)
