@@ -1,4 +1,5 @@
-"""The contract of plan.json (``gppy-stage/plan/1``) as a JSON schema, so that a change to what
+"""The contract of plan.json (``gppy-stage/plan/1``): the planner's entries as frozen dataclasses
+(Calset, Frame, Stack), and plan.json as a JSON schema, so that a change to what
 the planner writes, or to what a stage expects of it, fails a test instead of a night.
 
 The planner is ``stages/plan.py``; a stage reads its entry through ``Night.item``. The schema is
@@ -7,6 +8,8 @@ by name: a key renamed on one side only must not pass.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from .stages.base import PLAN_SCHEMA
 
@@ -54,3 +57,78 @@ PLAN_JSON_SCHEMA = {
         "skipped": {"type": "array", "items": SKIPPED}, "warnings": {"type": "array", "items": {"type": "string"}},
     }),
 }
+
+
+# ---- the entries the planner builds, frozen: a stage gets them as plan.json's dicts (to_json)
+
+@dataclass(frozen=True)
+class Calset:
+    """Raw calibration frames of one night, unit, binning, gain and camera, and the masters to make."""
+
+    id: str
+    unit: str
+    night: str
+    binning: int
+    gain: int | None
+    camera: str | None
+    mjd: float
+    zero: dict | None  # {"frames", "output"}
+    darks: tuple[dict, ...]  # {"exptime", "frames", "output"}
+    flats: tuple[dict, ...]  # {"filter", "frames", "output"}
+
+    def to_json(self) -> dict:
+        return {**{k: getattr(self, k) for k in ("id", "unit", "night", "binning", "gain", "camera", "mjd", "zero")},
+                "darks": list(self.darks), "flats": list(self.flats)}
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One science frame: its raw key, what it is, the masters it is reduced with, its product."""
+
+    id: str
+    raw: str
+    object: str
+    filter: str | None
+    exptime: float
+    date_obs: str
+    mjd: float
+    binning: int
+    gain: int | None
+    camera: str | None
+    masters: dict  # {"zero", "dark", "flat"} -> key
+    output: str
+    egain: float | None = None  # IMSNG/GECKO headers give them; 7DT's come from the registry
+    rdnoise: float | None = None
+    warnings: tuple[str, ...] = ()
+    stack: str | None = None
+
+    def to_json(self) -> dict:
+        out = {k: getattr(self, k) for k in ("id", "raw", "object", "filter", "exptime", "date_obs", "mjd",
+                                             "binning", "gain", "camera", "masters")}
+        if self.egain is not None:
+            out.update(egain=self.egain, rdnoise=self.rdnoise)
+        out["output"] = self.output
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
+        if self.stack is not None:
+            out["stack"] = self.stack
+        return out
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Frames of one field, filter and unit in one time block, and the stack they make."""
+
+    id: str
+    field: str
+    filter: str | None
+    unit: str
+    block: int
+    frames: tuple[str, ...]  # frame ids
+    start: str
+    end: str
+    output: str
+
+    def to_json(self) -> dict:
+        return {**{k: getattr(self, k) for k in ("id", "field", "filter", "unit", "block")},
+                "frames": list(self.frames), "start": self.start, "end": self.end, "output": self.output}

@@ -26,6 +26,7 @@ name gets the safe one as its field, with a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections import defaultdict
@@ -47,6 +48,7 @@ from ..names import (
     stack_name,
     strip_fits_suffix,
 )
+from ..plan_types import Calset, Frame, Stack
 from .base import PLAN_SCHEMA, Night, utcnow
 from .raw_frames import Tally, drop_duplicates, drop_odd_shapes, read_frames, same_name_copies, warn
 
@@ -121,6 +123,8 @@ def make_plan(root: str, unit: str, night: str) -> dict:
         tally.warnings.append(f"{tally.raw_prefix} holds no FITS frames")
         log.event(_log, "empty night", level=30, warning=tally.warnings[-1])
     stacks = _stack_groups(plan_frames, unit, float(cfg_plan["stack_gap_minutes"]), int(cfg_plan["min_stack_frames"]))
+    stack_of = {fid: st.id for st in stacks for fid in st.frames}
+    plan_frames = [dataclasses.replace(f, stack=stack_of[f.id]) if f.id in stack_of else f for f in plan_frames]
     return {
         "schema": PLAN_SCHEMA,
         "unit": unit,
@@ -131,8 +135,8 @@ def make_plan(root: str, unit: str, night: str) -> dict:
         "settings_hash": config.settings_hash(config.settings()),
         "raw_frames": raw_count,
         "calsets": calsets,
-        "frames": plan_frames,
-        "stacks": stacks,
+        "frames": [f.to_json() for f in plan_frames],
+        "stacks": [st.to_json() for st in stacks],
         "quarantine": tally.quarantine,
         "skipped": tally.skipped,
         "warnings": tally.warnings,
@@ -149,8 +153,7 @@ def _calsets(frames: list[FrameInfo], night_info, min_frames: int, tally: Tally)
     for (binning, gain, camera), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
         cid = _calset_id(tally.unit, night_info.date + ("_ToO" if night_info.too else ""), binning, gain, camera)
         mjd = sum(m.mjd for m in members) / len(members)
-        calset = {"id": cid, "unit": tally.unit, "night": tally.night, "binning": binning, "gain": gain,
-                  "camera": camera, "mjd": mjd, "zero": None, "darks": [], "flats": []}
+        calset = {"zero": None, "darks": [], "flats": []}
         name = functools.partial(master_name, unit=tally.unit, night_date=night_info.date, binning=binning, gain=gain,
                                  too=night_info.too)
         biases = sorted((m for m in members if m.imagetyp == "BIAS"), key=lambda m: m.mjd)
@@ -171,7 +174,8 @@ def _calsets(frames: list[FrameInfo], night_info, min_frames: int, tally: Tally)
             else:
                 tally.warnings.append(f"{len(fs)} flats in {filt} (< {min_frames}): no master flat for it tonight")
         if calset["zero"] or calset["darks"] or calset["flats"]:
-            calsets.append(calset)
+            calsets.append(Calset(cid, tally.unit, tally.night, binning, gain, camera, mjd, calset["zero"],
+                                  tuple(calset["darks"]), tuple(calset["flats"])).to_json())
     return calsets
 
 
@@ -200,7 +204,7 @@ def _planned_masters(calsets: list[dict], unit: str) -> list[library.Master]:
 
 
 def _science_frames(root: str, frames: list[FrameInfo], calsets: list[dict], site: config.Site,
-                    tally: Tally) -> list[dict]:
+                    tally: Tally) -> list[Frame]:
     """The plan's science frames, in time order, each with its masters (tonight's when planned,
     else the library's nearest good one); a frame with none is quarantined."""
     library_index = {kind: library.index(root, tally.unit, kind) for kind in library.KINDS}
@@ -229,41 +233,36 @@ def _science_frames(root: str, frames: list[FrameInfo], calsets: list[dict], sit
     return plan_frames
 
 
-def _frame_entry(info: FrameInfo, raw: str, masters: dict, copy: int, site: config.Site, tally: Tally) -> dict:
+def _frame_entry(info: FrameInfo, raw: str, masters: dict, copy: int, site: config.Site, tally: Tally) -> Frame:
     field_name = safe_name(info.object)
     stem = strip_fits_suffix(info.name)
     notes = tally.frame_notes[info.url]
-    entry = {
-        # other sites' file names are anything their software wrote (spaces, brackets)
-        "id": stem if site.header_dialect == "tcspy" else safe_name(stem), "raw": raw, "object": field_name,
-        "filter": info.filter, "exptime": info.exptime, "date_obs": info.date_obs, "mjd": info.mjd,
-        "binning": info.binning, "gain": info.gain, "camera": info.camera, "masters": masters,
-    }
-    if info.egain is not None:
-        entry.update(egain=info.egain, rdnoise=info.rdnoise)
     if field_name != info.object:
         warn(tally.warnings, notes, raw, f"OBJECT {info.object!r} is not a safe name: the field is {field_name!r}")
     if copy:
         warn(tally.warnings, notes, raw,
               f"another frame of {field_name} {info.filter} started in the same second: named apart with _{copy + 1}")
     name_args = (tally.unit, field_name, info.when, info.filter, info.exptime)
-    entry["output"] = f"{processed_dir(field_name, tally.unit, info.filter)}/{calib_name(*name_args, copy=copy)}"
-    if notes:
-        entry["warnings"] = notes
-    return entry
+    return Frame(
+        # other sites' file names are anything their software wrote (spaces, brackets)
+        id=stem if site.header_dialect == "tcspy" else safe_name(stem), raw=raw, object=field_name,
+        filter=info.filter, exptime=info.exptime, date_obs=info.date_obs, mjd=info.mjd, binning=info.binning,
+        gain=info.gain, camera=info.camera, masters=masters,
+        output=f"{processed_dir(field_name, tally.unit, info.filter)}/{calib_name(*name_args, copy=copy)}",
+        egain=info.egain, rdnoise=info.rdnoise if info.egain is not None else None, warnings=tuple(notes))
 
 
-def _stack_groups(frames: list[dict], unit: str, gap_minutes: float, min_frames: int) -> list[dict]:
+def _stack_groups(frames: list[Frame], unit: str, gap_minutes: float, min_frames: int) -> list[Stack]:
     """Stack groups: field, filter, unit, and a time block (a new block after a long gap)."""
     by_group = defaultdict(list)
     for f in frames:
-        by_group[(f["object"], f["filter"])].append(f)
+        by_group[(f.object, f.filter)].append(f)
     stacks = []
     for (field, filt), members in sorted(by_group.items()):
-        members.sort(key=lambda f: f["mjd"])
+        members.sort(key=lambda f: f.mjd)
         blocks, current = [], [members[0]]
         for prev, f in zip(members, members[1:]):
-            if (f["mjd"] - prev["mjd"]) * 1440.0 > gap_minutes:
+            if (f.mjd - prev.mjd) * 1440.0 > gap_minutes:
                 blocks.append(current)
                 current = []
             current.append(f)
@@ -272,16 +271,14 @@ def _stack_groups(frames: list[dict], unit: str, gap_minutes: float, min_frames:
             if len(block) < min_frames:
                 continue
             sid = stack_id(field, filt, unit, i)
-            start = datetime.fromisoformat(block[0]["date_obs"])
-            end = datetime.fromisoformat(block[-1]["date_obs"]) + timedelta(seconds=block[-1]["exptime"])
-            total = sum(f["exptime"] for f in block)
-            for f in block:
-                f["stack"] = sid
-            stacks.append({
-                "id": sid, "field": field, "filter": filt, "unit": unit, "block": i,
-                "frames": [f["id"] for f in block], "start": start.isoformat(), "end": end.isoformat(),
-                "output": f"{processed_dir(field, unit, filt)}/{stack_name(unit, field, start + (end - start) / 2, filt, total)}",
-            })
+            start = datetime.fromisoformat(block[0].date_obs)
+            end = datetime.fromisoformat(block[-1].date_obs) + timedelta(seconds=block[-1].exptime)
+            total = sum(f.exptime for f in block)
+            stacks.append(Stack(
+                id=sid, field=field, filter=filt, unit=unit, block=i, frames=tuple(f.id for f in block),
+                start=start.isoformat(), end=end.isoformat(),
+                output=f"{processed_dir(field, unit, filt)}/{stack_name(unit, field, start + (end - start) / 2, filt, total)}",
+            ))
     return stacks
 
 
