@@ -17,11 +17,11 @@ subtraction and detection in between.
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 
+from gppy_stage.science import plots
 from gppy_stage.science.kernel import find_stars, sky_level
 
 PSF_MIN_STARS = 5
@@ -212,11 +212,7 @@ def recovery_table(mag, recovered, bin_width: float) -> list[dict]:
 def recovery_plot(rows: list[dict], fit: dict, *, title: str = "", depth: float | None = None) -> bytes:
     """PNG of the recovered fraction per magnitude bin (binomial errors), the fitted curve and
     the 50 % / 90 % magnitudes. Matplotlib's object API with the Agg canvas, as the stamps."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.5, 4.2), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = plots.figure((6.5, 4.2))
     ax = fig.subplots()
     m = np.array([r["mag"] for r in rows])
     n = np.array([r["injected"] for r in rows], float)
@@ -237,7 +233,4 @@ def recovery_plot(rows: list[dict], fit: dict, *, title: str = "", depth: float 
     ax.set_title(title or "completeness", fontsize=9)
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return plots.png(fig)

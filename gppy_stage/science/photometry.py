@@ -20,7 +20,6 @@ and the catalogue written are :mod:`phot_products`.
 
 from __future__ import annotations
 
-import io
 import warnings
 from dataclasses import dataclass, field
 
@@ -35,6 +34,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from ..errors import BadInputError
 from ..tools import astromatic
 from . import phot_products as products
+from . import plots
 from . import transforms
 from .astrometry import weight_and_flag
 from .growth import GrowthCurve, growth_curve, growth_diameters
@@ -336,13 +336,9 @@ def _depths(cat: Table, good, zps: dict[str, ZeroPoint], skysig: float, apers: d
 
 def zp_plot(result: PhotResult, title: str = "", aperture: str = "APER_1") -> bytes:
     """PNG (bytes) of the zero-point fit: ref - inst against ref mag, clipped stars marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     z = result.zeropoints[aperture]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig = plots.figure((7, 4.5), dpi=110)
+    ax = fig.subplots()
     ax.errorbar(z.ref_mag[z.kept], z.delta[z.kept], yerr=z.delta_err[z.kept], fmt="o", ms=3, color="tab:blue",
                 alpha=0.8, label=f"used ({z.n})")
     if (~z.kept).any():
@@ -360,8 +356,4 @@ def zp_plot(result: PhotResult, title: str = "", aperture: str = "APER_1") -> by
             transform=ax.transAxes, va="top", fontsize=10, bbox={"fc": "white", "alpha": 0.8})
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return plots.png(fig)

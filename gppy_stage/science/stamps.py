@@ -7,10 +7,10 @@ depends on a display or on global figure state in a batch pod.
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 
+from gppy_stage.science import plots
 from gppy_stage.xp import to_numpy
 
 
@@ -43,12 +43,8 @@ def stamp_png(new, ref, diff, x: float, y: float, *, half: int = 15, title: str 
     With ``noise`` the diff panel shows S/N (diff / noise) in -5..5, which reads the same on
     every candidate; otherwise the diff is scaled to its own +-max.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     panels = [_cutout(to_numpy(new), x, y, half), _cutout(to_numpy(ref), x, y, half), _cutout(to_numpy(diff), x, y, half)]
-    fig = Figure(figsize=(7.5, 2.8), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = plots.figure((7.5, 2.8))
     axes = fig.subplots(1, 3)
     labels = ["new", "ref", "diff"]
     for k, (ax, p) in enumerate(zip(axes, panels)):
@@ -72,10 +68,7 @@ def stamp_png(new, ref, diff, x: float, y: float, *, half: int = 15, title: str 
         ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return plots.png(fig)
 
 
 def candidate_stamps(new, ref, diff, table, *, half: int = 15, noise=None, max_stamps: int | None = None) -> dict:
@@ -140,11 +133,7 @@ def light_curve_png(table, *, title: str = "") -> bytes:
     """A small panel: forced flux (uJy) of each frame against hours since the first, with 1-sigma
     bars; a frame below S/N 5 is an open marker at its 5-sigma limit with a downward arrow; the
     stack's flux a band across the panel (it is the mean of the frames, not one more epoch)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.0, 2.6), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = plots.figure((4.0, 2.6))
     ax = fig.subplots()
     kind = np.asarray(table["kind"]) if len(table) else np.zeros(0, str)
     frames, stack = table[kind == "frame"], table[kind == "stack"]
@@ -169,7 +158,4 @@ def light_curve_png(table, *, title: str = "") -> bytes:
         ax.legend(fontsize=6, loc="best")
     if title:
         ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return plots.png(fig)
