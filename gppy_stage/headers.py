@@ -226,56 +226,13 @@ def frame_info(header: fits.Header, url: str, size: int, expected_shape: tuple[i
     for key in ("IMAGETYP", "DATE-OBS"):
         if key not in h:
             raise BadInputError(f"header has no {key}", path=url)
-    if "EXPTIME" not in h:
-        raise BadInputError("header has no EXPTIME (nor EXPOSURE)", path=url)
-    try:
-        exptime = float(h["EXPTIME"])
-    except (TypeError, ValueError):
-        raise BadInputError(f"EXPTIME {h['EXPTIME']!r} is not a number", path=url) from None
-    if not math.isfinite(exptime) or exptime < 0 or exptime > MAX_EXPTIME_S:
-        raise BadInputError(f"EXPTIME {exptime} is not a valid exposure (0 to {MAX_EXPTIME_S:g} s)", path=url)
-    if exptime == 0 and h["IMAGETYP"] in ("LIGHT", "DARK", "FLAT"):
-        # the dark would be scaled by 0 and the stack would record exposure it does not hold
-        raise BadInputError(f"a {h['IMAGETYP']} frame with EXPTIME 0 has no exposure", path=url)
+    exptime = _checked_exptime(h, url)
     when = _parse_date(h["DATE-OBS"], url)
-    naxis = int(h.get("NAXIS", 0))
-    if naxis != 2:
-        raise BadInputError(f"expected a 2-D image in the primary HDU, found NAXIS={naxis}", path=url)
-    shape = (int(h["NAXIS2"]), int(h["NAXIS1"]))
-    binning = int(h.get("XBINNING", 1) or 1)
-    if expected_shape is not None:
-        want = (expected_shape[0] // binning, expected_shape[1] // binning)
-        if shape != want:
-            raise BadInputError(f"image is {shape[1]}x{shape[0]} but the detector is {want[1]}x{want[0]} at {binning}x{binning}", path=url)
-    # A truncated upload is the commonest bad frame: FITS files are whole 2880-byte blocks and
-    # at least as long as their data. Checking sizes costs nothing and needs no download.
-    data_bytes = abs(int(h.get("BITPIX", 16))) // 8 * shape[0] * shape[1]
-    if size and (size % BLOCK or size < data_bytes + BLOCK):
-        raise BadInputError(f"file is truncated ({size} bytes; the header promises {data_bytes} bytes of data)", path=url)
+    shape, binning = _checked_shape(h, url, expected_shape)
+    _check_not_truncated(h, shape, size, url)
     imagetyp = h["IMAGETYP"]
-    unit = str(h.get("TELESCOP", "")).strip()
-    obj = str(h.get("OBJECT", "")).strip()
     filt = h.get("FILTER")
-    try:
-        from_name = parse_raw_name(name)
-    except BadInputError:
-        from_name = None
-    if from_name is not None:
-        checks = {
-            "unit": (from_name.unit, unit),
-            "object": (from_name.object, obj if imagetyp == "LIGHT" else imagetyp),
-            "filter": (from_name.filter, filt),
-            "exptime": (from_name.exptime, round(exptime, 1)),
-            "imagetyp": (from_name.imagetyp, imagetyp),
-        }
-        for what, (by_name, by_header) in checks.items():
-            if by_header not in (None, "") and str(by_name) != str(by_header):
-                if what == "filter" and imagetyp in ("BIAS", "DARK"):
-                    continue  # TCSpy names biases and darks with whatever filter is in the beam
-                log.event(_log, "file name and header disagree; the header wins", file=name, key=what,
-                          name_value=by_name, header_value=by_header)
-        unit = unit or from_name.unit
-        obj = obj or from_name.object
+    unit, obj = _unit_and_object(h, name, imagetyp, filt, exptime)
     mjd = float(h["MJD"]) if "MJD" in h else Time(when).mjd
     gain = h.get("GAIN")
     egain = rdnoise = None
@@ -301,6 +258,71 @@ def frame_info(header: fits.Header, url: str, size: int, expected_shape: tuple[i
         egain=egain,
         rdnoise=rdnoise,
     )
+
+
+def _checked_exptime(h: fits.Header, url: str) -> float:
+    if "EXPTIME" not in h:
+        raise BadInputError("header has no EXPTIME (nor EXPOSURE)", path=url)
+    try:
+        exptime = float(h["EXPTIME"])
+    except (TypeError, ValueError):
+        raise BadInputError(f"EXPTIME {h['EXPTIME']!r} is not a number", path=url) from None
+    if not math.isfinite(exptime) or exptime < 0 or exptime > MAX_EXPTIME_S:
+        raise BadInputError(f"EXPTIME {exptime} is not a valid exposure (0 to {MAX_EXPTIME_S:g} s)", path=url)
+    if exptime == 0 and h["IMAGETYP"] in ("LIGHT", "DARK", "FLAT"):
+        # the dark would be scaled by 0 and the stack would record exposure it does not hold
+        raise BadInputError(f"a {h['IMAGETYP']} frame with EXPTIME 0 has no exposure", path=url)
+    return exptime
+
+
+def _checked_shape(h: fits.Header, url: str,
+                   expected_shape: tuple[int, int] | None) -> tuple[tuple[int, int], int]:
+    """The image's (rows, columns) and binning, checked against the detector's unbinned shape."""
+    naxis = int(h.get("NAXIS", 0))
+    if naxis != 2:
+        raise BadInputError(f"expected a 2-D image in the primary HDU, found NAXIS={naxis}", path=url)
+    shape = (int(h["NAXIS2"]), int(h["NAXIS1"]))
+    binning = int(h.get("XBINNING", 1) or 1)
+    if expected_shape is not None:
+        want = (expected_shape[0] // binning, expected_shape[1] // binning)
+        if shape != want:
+            raise BadInputError(f"image is {shape[1]}x{shape[0]} but the detector is {want[1]}x{want[0]} at {binning}x{binning}", path=url)
+    return shape, binning
+
+
+def _check_not_truncated(h: fits.Header, shape: tuple[int, int], size: int, url: str) -> None:
+    # A truncated upload is the commonest bad frame: FITS files are whole 2880-byte blocks and
+    # at least as long as their data. Checking sizes costs nothing and needs no download.
+    data_bytes = abs(int(h.get("BITPIX", 16))) // 8 * shape[0] * shape[1]
+    if size and (size % BLOCK or size < data_bytes + BLOCK):
+        raise BadInputError(f"file is truncated ({size} bytes; the header promises {data_bytes} bytes of data)", path=url)
+
+
+def _unit_and_object(h: fits.Header, name: str, imagetyp: str, filt, exptime: float) -> tuple[str, str]:
+    """TELESCOP and OBJECT, filled from the file name where the header leaves them empty.
+
+    Where name and header disagree the header wins and the disagreement is logged.
+    """
+    unit = str(h.get("TELESCOP", "")).strip()
+    obj = str(h.get("OBJECT", "")).strip()
+    try:
+        from_name = parse_raw_name(name)
+    except BadInputError:
+        return unit, obj
+    checks = {
+        "unit": (from_name.unit, unit),
+        "object": (from_name.object, obj if imagetyp == "LIGHT" else imagetyp),
+        "filter": (from_name.filter, filt),
+        "exptime": (from_name.exptime, round(exptime, 1)),
+        "imagetyp": (from_name.imagetyp, imagetyp),
+    }
+    for what, (by_name, by_header) in checks.items():
+        if by_header not in (None, "") and str(by_name) != str(by_header):
+            if what == "filter" and imagetyp in ("BIAS", "DARK"):
+                continue  # TCSpy names biases and darks with whatever filter is in the beam
+            log.event(_log, "file name and header disagree; the header wins", file=name, key=what,
+                      name_value=by_name, header_value=by_header)
+    return unit or from_name.unit, obj or from_name.object
 
 
 # Where each dialect writes the pointing, in order: MaxIm's and TCSpy's target (sexagesimal text),
