@@ -102,49 +102,11 @@ def _failure(record: dict) -> dict:
 def build(data: dict, *, top_candidates: int = 10, products: list[str] | None = None) -> dict:
     """The report dict from ``collect``'s data (pure)."""
     plan, records, headers = data["plan"], data["records"], data["headers"]
-    failures = [dict(q, status="quarantined") for q in plan.get("quarantine", [])]
-    for stage, items in sorted(records.items()):
-        for item, rec in sorted(items.items()):
-            if rec.get("status") in ("quarantined", "failed"):
-                failures.append(_failure(rec))
-    frames = []
-    for f in plan["frames"]:
-        status, reason = "done", None
-        for stage in ("reduce", "astrometry", "photometry"):
-            rec = records.get(stage, {}).get(f["id"])
-            if rec and rec.get("status") in ("quarantined", "failed"):
-                status, reason = f"{stage} {rec['status']}", (rec.get("error") or {}).get("reason")
-                break
-        if status == "done" and headers.get(f["output"]) is None:
-            status = "not made"
-        frames.append({"id": f["id"], "filter": f["filter"], "object": f.get("object"), "exptime": f["exptime"],
-                       "date_obs": f["date_obs"], "output": f["output"], "status": status, "reason": reason,
-                       **quality(headers.get(f["output"]))})
+    failures = _failures(plan, records)
+    frames = [_frame_row(f, records, headers) for f in plan["frames"]]
     stacks, candidates, flagged, movers = [], [], [], []
     for s in plan["stacks"]:
-        st_rec = records.get("stack", {}).get(s["id"], {})
-        sub = (records.get("subtract", {}).get(s["id"]) or {})
-        det = (records.get("detect", {}).get(s["id"]) or {})
-        res = st_rec.get("result") or {}
-        h = headers.get(s["output"])
-        entry = {"id": s["id"], "field": s["field"], "filter": s["filter"], "output": s["output"],
-                 "status": st_rec.get("status") or ("done" if h is not None else "not run"),
-                 "reason": (st_rec.get("error") or {}).get("reason"),
-                 "frames_planned": len(s["frames"]), "ncombine": int(h["NCOMBINE"]) if h is not None and "NCOMBINE" in h else 0,
-                 "left_out": res.get("left_out", []), "exptime": _num(h.get("EXPTIME"), 1) if h is not None else None,
-                 "zp_common": _num(h.get("ZPCOMMON")) if h is not None else None, **quality(h),
-                 # the completeness stage's 50 % / 90 % magnitudes of artificial stars, in the header
-                 "cmpl50": _num(h.get("CMPL50"), 3) if h is not None else None,
-                 "cmpl90": _num(h.get("CMPL90"), 3) if h is not None else None}
-        sub_res = sub.get("result") or {}
-        det_res = det.get("result") or {}
-        entry["subtract"] = {"status": sub_res.get("status") or sub.get("status", "not run"),
-                             "reason": sub_res.get("reason") or (sub.get("error") or {}).get("reason"),
-                             "reference": sub_res.get("reference"), "engine": sub_res.get("engine"),
-                             "flux_scale": sub_res.get("flux_scale")}
-        entry["detect"] = {"status": det_res.get("status") or det.get("status", "not run"),
-                           "n_candidates": det_res.get("n_candidates"), "n_pass": det_res.get("n_pass"),
-                           "candidates": det_res.get("output")}
+        entry, det_res = _stack_entry(s, records, headers.get(s["output"]))
         if entry["subtract"]["status"] == "no reference":
             flagged.append({"stack": s["id"], "flag": "no_reference", "reason": entry["subtract"]["reason"]})
         for c in det_res.get("top", []):
@@ -156,10 +118,6 @@ def build(data: dict, *, top_candidates: int = 10, products: list[str] | None = 
     done = [f for f in frames if f["status"] == "done"]
     depths = [f["depth"] for f in done if f["depth"] is not None]
     seeing = [f["seeing"] for f in done if f["seeing"] is not None]
-    timing: dict[str, dict] = {}
-    for stage, items in records.items():
-        secs = [r.get("seconds", 0.0) or 0.0 for r in items.values()]
-        timing[stage] = {"count": len(secs), "total_s": round(sum(secs), 2), "max_s": round(max(secs), 2) if secs else 0}
     return {
         "schema": "gppy-stage/night-report/1", "unit": plan["unit"], "night": plan["night"], "root": data["root"],
         "pipeline_version": __version__,
@@ -173,8 +131,67 @@ def build(data: dict, *, top_candidates: int = 10, products: list[str] | None = 
         "seeing_median": _median(seeing),
         "frames": frames, "stacks": stacks, "failures": failures, "flagged": flagged,
         "candidates": candidates[:top_candidates], "moving": link_movers(movers), "warnings": plan.get("warnings", []),
-        "timing": timing, "products": products or [],
+        "timing": _timing(records), "products": products or [],
     }
+
+
+def _failures(plan: dict, records: dict) -> list[dict]:
+    failures = [dict(q, status="quarantined") for q in plan.get("quarantine", [])]
+    for stage, items in sorted(records.items()):
+        for item, rec in sorted(items.items()):
+            if rec.get("status") in ("quarantined", "failed"):
+                failures.append(_failure(rec))
+    return failures
+
+
+def _frame_row(f: dict, records: dict, headers: dict) -> dict:
+    """A science frame's row: the first per-frame stage that failed it, else whether its product exists."""
+    status, reason = "done", None
+    for stage in ("reduce", "astrometry", "photometry"):
+        rec = records.get(stage, {}).get(f["id"])
+        if rec and rec.get("status") in ("quarantined", "failed"):
+            status, reason = f"{stage} {rec['status']}", (rec.get("error") or {}).get("reason")
+            break
+    if status == "done" and headers.get(f["output"]) is None:
+        status = "not made"
+    return {"id": f["id"], "filter": f["filter"], "object": f.get("object"), "exptime": f["exptime"],
+            "date_obs": f["date_obs"], "output": f["output"], "status": status, "reason": reason,
+            **quality(headers.get(f["output"]))}
+
+
+def _stack_entry(s: dict, records: dict, h) -> tuple[dict, dict]:
+    """A stack's row (with its subtraction and detection) and the detect stage's result it came from."""
+    st_rec = records.get("stack", {}).get(s["id"], {})
+    sub = (records.get("subtract", {}).get(s["id"]) or {})
+    det = (records.get("detect", {}).get(s["id"]) or {})
+    res = st_rec.get("result") or {}
+    entry = {"id": s["id"], "field": s["field"], "filter": s["filter"], "output": s["output"],
+             "status": st_rec.get("status") or ("done" if h is not None else "not run"),
+             "reason": (st_rec.get("error") or {}).get("reason"),
+             "frames_planned": len(s["frames"]), "ncombine": int(h["NCOMBINE"]) if h is not None and "NCOMBINE" in h else 0,
+             "left_out": res.get("left_out", []), "exptime": _num(h.get("EXPTIME"), 1) if h is not None else None,
+             "zp_common": _num(h.get("ZPCOMMON")) if h is not None else None, **quality(h),
+             # the completeness stage's 50 % / 90 % magnitudes of artificial stars, in the header
+             "cmpl50": _num(h.get("CMPL50"), 3) if h is not None else None,
+             "cmpl90": _num(h.get("CMPL90"), 3) if h is not None else None}
+    sub_res = sub.get("result") or {}
+    det_res = det.get("result") or {}
+    entry["subtract"] = {"status": sub_res.get("status") or sub.get("status", "not run"),
+                         "reason": sub_res.get("reason") or (sub.get("error") or {}).get("reason"),
+                         "reference": sub_res.get("reference"), "engine": sub_res.get("engine"),
+                         "flux_scale": sub_res.get("flux_scale")}
+    entry["detect"] = {"status": det_res.get("status") or det.get("status", "not run"),
+                       "n_candidates": det_res.get("n_candidates"), "n_pass": det_res.get("n_pass"),
+                       "candidates": det_res.get("output")}
+    return entry, det_res
+
+
+def _timing(records: dict) -> dict[str, dict]:
+    timing: dict[str, dict] = {}
+    for stage, items in records.items():
+        secs = [r.get("seconds", 0.0) or 0.0 for r in items.values()]
+        timing[stage] = {"count": len(secs), "total_s": round(sum(secs), 2), "max_s": round(max(secs), 2) if secs else 0}
+    return timing
 
 
 # Two moving detections are one object when their rates agree within this fraction (plus the
@@ -262,23 +279,37 @@ def _fmt(v: Any, nd: int = 3) -> str:
 
 def markdown(report: dict) -> str:
     """The report as Markdown (``report.md``)."""
+    lines = (_md_summary(report) + _md_frames(report["frames"]) + _md_stacks(report["stacks"])
+             + _md_candidates(report["candidates"]) + _md_moving(report.get("moving")) + _md_failures(report)
+             + _md_timing(report["timing"]))
+    return "\n".join(lines) + "\n"
+
+
+def _md_summary(report: dict) -> list[str]:
     c = report["counts"]
-    lines = [f"# Night report: {report['unit']} {report['night']}", "",
-             f"Pipeline {report['pipeline_version']}, storage `{report['root']}`.", "",
-             "## Summary", "",
-             f"- science frames: {c['science_done']} of {c['science_planned']} done ({c['raw_frames']} raw files)",
-             f"- stacks: {c['stacks_done']} of {c['stacks_planned']} made",
-             f"- candidates: {c['candidates_pass']} passing of {c['candidates']} detected",
-             f"- failures: {c['failures']}, flagged: {c['flagged']}",
-             f"- median seeing: {_fmt(report['seeing_median'], 2)}\", median frame depth (5 sigma): "
-             f"{_fmt(report['depth']['frame_median'], 2)}, best stack depth: {_fmt(report['depth']['stack_best'], 2)}", ""]
-    lines += ["## Frames", "", "| frame | filter | status | ZP | depth | seeing |", "|---|---|---|---|---|---|"]
-    for f in report["frames"]:
+    return [f"# Night report: {report['unit']} {report['night']}", "",
+            f"Pipeline {report['pipeline_version']}, storage `{report['root']}`.", "",
+            "## Summary", "",
+            f"- science frames: {c['science_done']} of {c['science_planned']} done ({c['raw_frames']} raw files)",
+            f"- stacks: {c['stacks_done']} of {c['stacks_planned']} made",
+            f"- candidates: {c['candidates_pass']} passing of {c['candidates']} detected",
+            f"- failures: {c['failures']}, flagged: {c['flagged']}",
+            f"- median seeing: {_fmt(report['seeing_median'], 2)}\", median frame depth (5 sigma): "
+            f"{_fmt(report['depth']['frame_median'], 2)}, best stack depth: {_fmt(report['depth']['stack_best'], 2)}", ""]
+
+
+def _md_frames(frames: list[dict]) -> list[str]:
+    lines = ["## Frames", "", "| frame | filter | status | ZP | depth | seeing |", "|---|---|---|---|---|---|"]
+    for f in frames:
         status = f["status"] + (f": {f['reason']}" if f.get("reason") else "")
         lines.append(f"| {f['id']} | {f['filter']} | {status} | {_fmt(f['zp'])} | {_fmt(f['depth'], 2)} | {_fmt(f['seeing'], 2)} |")
-    lines += ["", "## Stacks", "", "| stack | frames | status | ZP | depth | CMPL50 | CMPL90 | seeing | subtraction "
-              "| candidates |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for s in report["stacks"]:
+    return lines
+
+
+def _md_stacks(stacks: list[dict]) -> list[str]:
+    lines = ["", "## Stacks", "", "| stack | frames | status | ZP | depth | CMPL50 | CMPL90 | seeing | subtraction "
+             "| candidates |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in stacks:
         status = s["status"] + (f": {s['reason']}" if s.get("reason") else "")
         sub = s["subtract"]["status"] + (f" ({s['subtract']['reference'].rsplit('/', 1)[-1]})"
                                          if s["subtract"].get("reference") else "")
@@ -288,29 +319,39 @@ def markdown(report: dict) -> str:
                      f"{_fmt(s['seeing'], 2)} | {sub} | {cand} |")
         for note in s["left_out"]:
             lines.append(f"|  left out: {note['frame']} | | {note['reason']} | | | | | | | |")
-    lines += ["", "## Candidates (passing, best first)", ""]
-    if report["candidates"]:
-        lines += ["| stack | id | RA | Dec | mag | S/N | score | real/bogus | host offset \" | host offset / light radius "
-                  "| host mag |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for cand in report["candidates"]:
-            lines.append(f"| {cand['stack']} | {cand['id']} | {_fmt(cand['ra'], 6)} | {_fmt(cand['dec'], 6)} | "
-                         f"{_fmt(cand['mag'], 2)} | {_fmt(cand['snr'], 1)} | {_fmt(cand['score'], 2)} | "
-                         f"{_fmt(cand.get('rb_score'), 2)} | {_fmt(cand.get('host_sep'), 2)} | "
-                         f"{_fmt(cand.get('host_dlr'), 2)} | {_fmt(cand.get('host_mag'), 2)} |")
-    else:
-        lines.append("none")
-    lines += ["", "## Moving objects (linked across the night's stacks)", ""]
-    if report.get("moving"):
-        lines += ["| object | rate \"/h | PA deg | mag | first seen (MJD, RA, Dec) | last seen (MJD, RA, Dec) | stacks |",
-                  "|---|---|---|---|---|---|---|"]
-        for k, mv in enumerate(report["moving"], 1):
-            f, la = mv["first"], mv["last"]
-            lines.append(f"| {mv['name'] or f'unknown {k}'} | {_fmt(mv['rate_arcsec_h'], 1)} | {_fmt(mv['pa_deg'], 1)} | "
-                         f"{_fmt(mv['mag'], 2)} | {f['mjd']:.5f} {f['ra']:.6f} {f['dec']:.6f} | "
-                         f"{la['mjd']:.5f} {la['ra']:.6f} {la['dec']:.6f} | {', '.join(mv['stacks'])} |")
-    else:
-        lines.append("none")
-    lines += ["", "## Failures and flags", ""]
+    return lines
+
+
+def _md_candidates(candidates: list[dict]) -> list[str]:
+    lines = ["", "## Candidates (passing, best first)", ""]
+    if not candidates:
+        return lines + ["none"]
+    lines += ["| stack | id | RA | Dec | mag | S/N | score | real/bogus | host offset \" | host offset / light radius "
+              "| host mag |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for cand in candidates:
+        lines.append(f"| {cand['stack']} | {cand['id']} | {_fmt(cand['ra'], 6)} | {_fmt(cand['dec'], 6)} | "
+                     f"{_fmt(cand['mag'], 2)} | {_fmt(cand['snr'], 1)} | {_fmt(cand['score'], 2)} | "
+                     f"{_fmt(cand.get('rb_score'), 2)} | {_fmt(cand.get('host_sep'), 2)} | "
+                     f"{_fmt(cand.get('host_dlr'), 2)} | {_fmt(cand.get('host_mag'), 2)} |")
+    return lines
+
+
+def _md_moving(moving: list[dict] | None) -> list[str]:
+    lines = ["", "## Moving objects (linked across the night's stacks)", ""]
+    if not moving:
+        return lines + ["none"]
+    lines += ["| object | rate \"/h | PA deg | mag | first seen (MJD, RA, Dec) | last seen (MJD, RA, Dec) | stacks |",
+              "|---|---|---|---|---|---|---|"]
+    for k, mv in enumerate(moving, 1):
+        f, la = mv["first"], mv["last"]
+        lines.append(f"| {mv['name'] or f'unknown {k}'} | {_fmt(mv['rate_arcsec_h'], 1)} | {_fmt(mv['pa_deg'], 1)} | "
+                     f"{_fmt(mv['mag'], 2)} | {f['mjd']:.5f} {f['ra']:.6f} {f['dec']:.6f} | "
+                     f"{la['mjd']:.5f} {la['ra']:.6f} {la['dec']:.6f} | {', '.join(mv['stacks'])} |")
+    return lines
+
+
+def _md_failures(report: dict) -> list[str]:
+    lines = ["", "## Failures and flags", ""]
     if not report["failures"] and not report["flagged"]:
         lines.append("none")
     for f in report["failures"]:
@@ -320,8 +361,13 @@ def markdown(report: dict) -> str:
         lines.append(f"- **flagged** {f['stack']}: {f['flag']} ({f['reason']})")
     for w in report["warnings"]:
         lines.append(f"- warning: {w}")
-    if report["timing"]:
-        lines += ["", "## Time per stage", "", "| stage | runs | total s | max s |", "|---|---|---|---|"]
-        for name, t in sorted(report["timing"].items()):
-            lines.append(f"| {name} | {t['count']} | {t['total_s']:.2f} | {t['max_s']:.2f} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _md_timing(timing: dict) -> list[str]:
+    if not timing:
+        return []
+    lines = ["", "## Time per stage", "", "| stage | runs | total s | max s |", "|---|---|---|---|"]
+    for name, t in sorted(timing.items()):
+        lines.append(f"| {name} | {t['count']} | {t['total_s']:.2f} | {t['max_s']:.2f} |")
+    return lines
