@@ -1,30 +1,31 @@
 """The astrometry stage: one reduced frame -> the same ``calib_*.fits`` with a WCS in its header.
 
 Design choice: the calib frame is updated in place (a new file is written whole, then replaces
-the old one through storage's atomic put); the MASK and VARIANCE extensions are kept. The sidecar
-``calib_*.fits.astrometry.json`` records the hash of (reduced frame, reference, settings), so a
-re-run skips the work; the reduce stage's own sidecar stays untouched.
+the old one through storage's atomic put); the MASK and VARIANCE extensions are kept. Skipping
+follows the one rule of stages/base.py: the stage's own sidecar (role ``astrometry``:
+``calib_*.fits.astrometry.json``, written last) records the hash of (reduced frame, reference,
+settings), and the frame's ``ASTRHASH`` must still carry it, since a forced reduce rewrites the
+frame without a WCS while leaving that sidecar in place. The reduce stage's sidecar stays untouched.
 """
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 from astropy.io import fits
 
-from .. import __version__, config, log, storage
+from .. import config, log, storage
 from ..errors import BadInputError
 from ..fitsio import put_hdul, read_hdul
 from ..science import astrometry as astro
 from ..science import refcat as refcat_mod
 from ..tools import astromatic
-from .base import Night, Timer, input_hash, utcnow
+from .base import Night, Timer, input_hash, is_done, read_sidecar, stamp_provenance, write_sidecar
 
 _log = log.get("astrometry")
 
 SETTINGS = {"position_maxerr_arcmin": 5.0, "max_offset_arcsec": 1.0, "min_match": 6, "cpulimit": 30.0,
             "version": 1}
+ROLE = "astrometry"  # the sidecar's name beside the calib frame, which is the reduce stage's product
 
 
 def refcat_key(obj: str) -> str:
@@ -54,10 +55,6 @@ def binning(header) -> int:
         return 1
 
 
-def _marker_url(output_url: str) -> str:
-    return output_url + ".astrometry.json"
-
-
 def run(ctx: Night, frame: str) -> dict:
     entry = ctx.item("frame", frame)
     reg = config.instrument(ctx.unit)
@@ -75,12 +72,9 @@ def run(ctx: Night, frame: str) -> dict:
         work = input_hash("astrometry", [entry["output"], red_hash, ref_key, ref_id],
                           {**SETTINGS, "sex": astromatic.provenance("source-extractor", "sextractor/default.sex"),
                            "scamp": astromatic.provenance("scamp", "scamp.conf")})
-        marker = _marker_url(output_url)
-        if not ctx.force and storage.exists(marker):
-            meta = json.loads(storage.get_bytes(marker))
-            if meta.get("hash") == work and header.get("ASTROMTD"):
-                log.event(_log, "already solved from the same inputs and settings", frame=frame)
-                return {"frame": frame, "skipped": True, **meta.get("result", {})}
+        if is_done(output_url, work, ctx.force, stamped=header, card="ASTRHASH", role=ROLE):
+            log.event(_log, "already solved from the same inputs and settings", frame=frame)
+            return {"frame": frame, "skipped": True, **(read_sidecar(output_url, ROLE) or {}).get("result", {})}
         data = np.asarray(hdul[0].data, dtype=np.float32)
         mask = np.asarray(hdul["MASK"].data) if "MASK" in hdul else None
         variance = np.asarray(hdul["VARIANCE"].data, dtype=np.float32) if "VARIANCE" in hdul else None
@@ -105,8 +99,7 @@ def run(ctx: Night, frame: str) -> dict:
                                         path=exc.path or output_url) from None
         raise
     new_header = astro.apply_solution(header, solution)
-    new_header["ASTRHASH"] = (work, "hash of astrometry inputs and settings")
-    new_header["PIPEVER"] = (__version__, "gppy-stage version")
+    stamp_provenance(new_header, work, card="ASTRHASH", comment="hash of astrometry inputs and settings")
     if reference is not None:
         new_header["ASTREF"] = (ref_key.rsplit("/", 1)[-1], "astrometric reference")
     put_hdul(output_url, fits.HDUList([fits.PrimaryHDU(data, new_header), *extensions]))
@@ -114,7 +107,6 @@ def run(ctx: Night, frame: str) -> dict:
               "rms_arcsec": [round(solution.rms1_arcsec, 4), round(solution.rms2_arcsec, 4)],
               "median_offset_arcsec": round(solution.median_offset_arcsec, 4), "notes": solution.notes,
               "seconds": timer.seconds}
-    storage.put_bytes(_marker_url(output_url), json.dumps({"hash": work, "made": utcnow(), "result": result},
-                                                           default=str).encode())
+    write_sidecar(output_url, work, role=ROLE, result=result)
     log.event(_log, "solved", **{k: v for k, v in result.items() if k != "notes"})
     return result

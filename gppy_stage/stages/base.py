@@ -3,7 +3,8 @@
 A product ``X`` is complete when its sidecar ``X.json`` exists: the sidecar is written after the
 product, so a crash between the two leaves no sidecar and the work is redone. The sidecar records
 the hash of the inputs and settings the product was made from; a stage that finds the same hash
-skips the work (``force`` redoes it).
+skips the work (``force`` redoes it). A stage that adds to another stage's product (astrometry's
+WCS in the calib frame) names its own sidecar ``X.<role>.json``, so each stage's record is its own.
 """
 
 from __future__ import annotations
@@ -93,12 +94,12 @@ def product_identity(ctx: Night, key: str) -> dict:
     return {"key": key, "hash": (read_sidecar(ctx.url(key)) or {}).get("hash")}
 
 
-def sidecar_url(product_url: str) -> str:
-    return product_url + ".json"
+def sidecar_url(product_url: str, role: str | None = None) -> str:
+    return f"{product_url}.{role}.json" if role else product_url + ".json"
 
 
-def read_sidecar(product_url: str) -> dict | None:
-    url = sidecar_url(product_url)
+def read_sidecar(product_url: str, role: str | None = None) -> dict | None:
+    url = sidecar_url(product_url, role)
     if not storage.exists(url):
         return None
     try:
@@ -108,25 +109,26 @@ def read_sidecar(product_url: str) -> dict | None:
 
 
 def is_done(product_url: str, work_hash: str, force: bool = False, *, stamped: fits.Header | None = None,
-            card: str = "GPHASH") -> bool:
+            card: str = "GPHASH", role: str | None = None) -> bool:
     """True when the product exists and was made from the same inputs and settings.
 
     A stage that also writes into another stage's frame (photometry's zero points in the calib
     header) passes that header as ``stamped``: the work counts as done only while the header still
     carries the hash under ``card``, because remaking the frame (a forced reduce) drops those cards
-    while leaving this stage's own product and sidecar in place.
+    while leaving this stage's own product and sidecar in place. ``role`` names the sidecar of a
+    stage whose product is another stage's file (see the module docstring).
     """
     if force:
         return False
-    meta = read_sidecar(product_url)
+    meta = read_sidecar(product_url, role)
     if stamped is not None and stamped.get(card) != work_hash:
         return False
     return bool(meta) and meta.get("hash") == work_hash and storage.exists(product_url)
 
 
-def write_sidecar(product_url: str, work_hash: str, **meta) -> dict:
+def write_sidecar(product_url: str, work_hash: str, *, role: str | None = None, **meta) -> dict:
     record = {"hash": work_hash, "pipeline_version": __version__, "made": utcnow(), **meta}
-    storage.put_bytes(sidecar_url(product_url), json.dumps(record, indent=1, default=str).encode())
+    storage.put_bytes(sidecar_url(product_url, role), json.dumps(record, indent=1, default=str).encode())
     return record
 
 

@@ -20,13 +20,13 @@ from datetime import datetime
 import numpy as np
 from astropy.io import fits
 
-from .. import __version__, config, log, storage
+from .. import config, log, storage
 from ..errors import BadInputError
 from ..fitsio import clean_header, put_hdul
 from ..report import read_header
 from ..science import stack as sk
 from ..tools import swarp as sw
-from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
+from .base import Night, Timer, input_hash, is_done, read_sidecar, stamp_provenance, write_sidecar
 
 _log = log.get("stack")
 
@@ -233,13 +233,13 @@ def _header(swarp_header: fits.Header, checked: list[tuple], infos: list[sk.Fram
         if key in first:
             header[key] = (first[key], first.comments[key])
     prov = sw.provenance()
-    return sk.stack_header(header, infos, scales, common, left_out=left_out, provenance={
+    stacked = sk.stack_header(header, infos, scales, common, left_out=left_out, provenance={
         "SWVERSN": (prov["version"], "SWarp version"), "SWCONF": (prov[sw.CONFIG], "hash of swarp.conf"),
-        "PIPEVER": (__version__, "gppy-stage version"), "GPHASH": (work, "hash of inputs and settings"),
         "ZPKEY": (checked[0][3], "input header key the zero points came from"),
         # the grid's WCS is SWarp's, from inputs SCAMP solved: photometry may trust it
         "ASTROMTD": ("SWarp", "WCS of the resampled grid (inputs solved by SCAMP)"),
         "ASTRHASH": (work, "hash of the stack's inputs and settings")})
+    return stamp_provenance(stacked, work)
 
 
 def _leave_out(left_out: list[dict], stack: str, frame_id: str, reason: str) -> None:

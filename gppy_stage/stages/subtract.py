@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.io import fits
 
-from .. import __version__, log, names, storage
+from .. import log, names, storage
 from ..config import settings
 from ..errors import BadInputError, ConfigError
 from ..fitsio import put_hdul, read_hdul
@@ -36,7 +36,7 @@ from ..science.photometry import NMAD
 from ..science.subtract import subtract as subtract_images
 from ..tools import swarp as sw
 from ..xp import device_name, get_xp
-from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
+from .base import Night, Timer, input_hash, is_done, read_sidecar, stamp_provenance, write_sidecar
 from .stack import zero_point
 
 _log = log.get("subtract")
@@ -178,8 +178,7 @@ def run(ctx: Night, stack: str) -> dict:
     for name, value, comment in kernel_cards(info, res.convolved):
         h[name] = (value, comment)
     h["GPDEVICE"] = (device, "array backend of the subtraction")
-    h["PIPEVER"] = (__version__, "gppy-stage version")
-    h["GPHASH"] = (work, "hash of inputs and settings")
+    stamp_provenance(h, work)
     _write_products(ctx, keys, res, h, pair.ref, zp_ref_scaled)
     summary = {"status": "done", "reference": ref_key, "engine": engine, "convolved": res.convolved,
                "flux_scale": round(flux_scale, 5), "zp": zp_diff, "fwhm_px": fwhm,
