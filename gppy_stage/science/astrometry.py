@@ -216,25 +216,19 @@ def solve(
     n_det = len(_usable(cat))
     notes: list[str] = []
     prov = {"SEXVER": cat.meta.get("SEXVER"), "SEXCONF": cat.meta.get("SEXCONF")}
+    scamp = {"band": band, "scamp_options": scamp_options, "min_match": min_match,
+             "max_offset_arcsec": max_offset_arcsec}
     center = pointing(header)
     if center is None:
         notes.append("no usable pointing in the header")
-    if center is not None and reference is not None and len(reference):
-        try:
-            first = initial_wcs(shape, center, pixscale)
-            wcs_head, stats, meta = solve_scamp(cat, header, first, reference, shape, band=band,
-                                                position_maxerr_arcmin=position_maxerr_arcmin, options=scamp_options)
-            prov.update(meta)
-            q = quality(cat, _wcs_of(wcs_head), reference)
-            if q["nmatch"] >= min_match and q["median_offset_arcsec"] < max_offset_arcsec:
-                return Solution(wcs_head, "SCAMP", int(stats["nmatch"]) or q["nmatch"],
-                                stats["rms1_arcsec"], stats["rms2_arcsec"], q["median_offset_arcsec"], n_det, notes,
-                                prov)
-            notes.append(f"SCAMP solution rejected: {q['nmatch']} matches, median offset "
-                         f"{q['median_offset_arcsec']:.2f}\"")
-        except (ToolError, AstrometryError) as exc:
-            notes.append(f"SCAMP failed: {exc.reason}")
-    elif reference is None or not len(reference):
+    has_reference = reference is not None and len(reference)
+    if center is not None and has_reference:
+        first = initial_wcs(shape, center, pixscale)
+        sol = _scamp_from_pointing(cat, header, first, reference, shape, n_det, notes, prov,
+                                   position_maxerr_arcmin=position_maxerr_arcmin, **scamp)
+        if sol is not None:
+            return sol
+    elif not has_reference:
         notes.append("no reference catalogue for SCAMP")
     if not allow_blind:
         raise AstrometryError("; ".join(notes) or "not solved")
@@ -245,28 +239,64 @@ def solve(
         notes.append(f"solve-field failed: {exc.reason}")
         raise AstrometryError("; ".join(notes)) from None
     prov["ANVER"] = wcs_head.get("ANVER")
+    if has_reference:
+        sol = _refine_blind(cat, header, wcs_head, reference, shape, n_det, notes, prov, **scamp)
+        if sol is not None:
+            return sol
     nmatch_an = int(wcs_head.get("ANMATCH", 0))
-    if reference is not None and len(reference):
-        # solve-field's SIP distortion is not read by SWarp: refine with SCAMP from its linear part,
-        # so that every stored solution is TPV and stacks resample correctly
-        try:
-            first = _linear_part(wcs_head)
-            refined, stats, meta = solve_scamp(cat, header, first, reference, shape, band=band,
-                                               position_maxerr_arcmin=1.0, options=scamp_options)
-            q = quality(cat, _wcs_of(refined), reference)
-            if q["nmatch"] >= min_match and q["median_offset_arcsec"] < max_offset_arcsec:
-                prov.update(meta)
-                return Solution(refined, "ASTROMETRY.NET+SCAMP", int(stats["nmatch"]) or q["nmatch"],
-                                stats["rms1_arcsec"], stats["rms2_arcsec"], q["median_offset_arcsec"], n_det,
-                                notes, prov)
-            notes.append(f"SCAMP refinement rejected: {q['nmatch']} matches")
-        except (ToolError, AstrometryError) as exc:
-            notes.append(f"SCAMP refinement failed: {exc.reason}")
-        q = quality(cat, _wcs_of(wcs_head), reference)
-        if q["nmatch"] >= min_match:
-            return Solution(wcs_head, "ASTROMETRY.NET", q["nmatch"], q["rms1_arcsec"], q["rms2_arcsec"],
-                            q["median_offset_arcsec"], n_det, notes, prov)
     return Solution(wcs_head, "ASTROMETRY.NET", nmatch_an, np.nan, np.nan, np.nan, n_det, notes, prov)
+
+
+def _acceptable(q: dict, min_match: int, max_offset_arcsec: float) -> bool:
+    return q["nmatch"] >= min_match and q["median_offset_arcsec"] < max_offset_arcsec
+
+
+def _scamp_from_pointing(cat: Table, header: fits.Header, first: fits.Header, reference: Table,
+                         shape: tuple[int, int], n_det: int, notes: list[str], prov: dict, *,
+                         position_maxerr_arcmin: float, band: str | None, scamp_options: dict | None,
+                         min_match: int, max_offset_arcsec: float) -> Solution | None:
+    """SCAMP from the guess at the header's pointing; None, with a note why, when it is not good enough."""
+    try:
+        wcs_head, stats, meta = solve_scamp(cat, header, first, reference, shape, band=band,
+                                            position_maxerr_arcmin=position_maxerr_arcmin, options=scamp_options)
+        prov.update(meta)
+        q = quality(cat, _wcs_of(wcs_head), reference)
+        if _acceptable(q, min_match, max_offset_arcsec):
+            return Solution(wcs_head, "SCAMP", int(stats["nmatch"]) or q["nmatch"],
+                            stats["rms1_arcsec"], stats["rms2_arcsec"], q["median_offset_arcsec"], n_det, notes,
+                            prov)
+        notes.append(f"SCAMP solution rejected: {q['nmatch']} matches, median offset "
+                     f"{q['median_offset_arcsec']:.2f}\"")
+    except (ToolError, AstrometryError) as exc:
+        notes.append(f"SCAMP failed: {exc.reason}")
+    return None
+
+
+def _refine_blind(cat: Table, header: fits.Header, wcs_head: fits.Header, reference: Table,
+                  shape: tuple[int, int], n_det: int, notes: list[str], prov: dict, *, band: str | None,
+                  scamp_options: dict | None, min_match: int, max_offset_arcsec: float) -> Solution | None:
+    """solve-field's solution refined by SCAMP, else checked as it is against the reference; None
+    when too few reference stars match it to measure its quality."""
+    # solve-field's SIP distortion is not read by SWarp: refine with SCAMP from its linear part,
+    # so that every stored solution is TPV and stacks resample correctly
+    try:
+        first = _linear_part(wcs_head)
+        refined, stats, meta = solve_scamp(cat, header, first, reference, shape, band=band,
+                                           position_maxerr_arcmin=1.0, options=scamp_options)
+        q = quality(cat, _wcs_of(refined), reference)
+        if _acceptable(q, min_match, max_offset_arcsec):
+            prov.update(meta)
+            return Solution(refined, "ASTROMETRY.NET+SCAMP", int(stats["nmatch"]) or q["nmatch"],
+                            stats["rms1_arcsec"], stats["rms2_arcsec"], q["median_offset_arcsec"], n_det,
+                            notes, prov)
+        notes.append(f"SCAMP refinement rejected: {q['nmatch']} matches")
+    except (ToolError, AstrometryError) as exc:
+        notes.append(f"SCAMP refinement failed: {exc.reason}")
+    q = quality(cat, _wcs_of(wcs_head), reference)
+    if q["nmatch"] >= min_match:
+        return Solution(wcs_head, "ASTROMETRY.NET", q["nmatch"], q["rms1_arcsec"], q["rms2_arcsec"],
+                        q["median_offset_arcsec"], n_det, notes, prov)
+    return None
 
 
 def _linear_part(wcs_head: fits.Header) -> fits.Header:
