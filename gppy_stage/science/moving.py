@@ -275,3 +275,56 @@ def match_known(ra, dec, eph, span: tuple[float, float]) -> np.ndarray:
         hit = np.isfinite(d) & (d <= err + rate * half_h) & (d < best)
         names[hit], best[hit] = name[:32], d[hit]
     return names
+
+
+def residual_centroid(diff, noise, bad, x: float, y: float, fwhm: float, *, reach: float | None = None,
+                      min_snr: float = 2.0) -> tuple[float, float, float]:
+    """(x, y, error px) of the flux on a difference cut-out near (x, y): a Gaussian-weighted first
+    moment, recentred until it settles, first with a window twice the PSF's (a mover sits up to a
+    few FWHM from where the stack saw its mean position), then the PSF's. NaNs when the weighted
+    flux is under ``min_snr`` or the centroid wanders beyond ``reach`` (3 FWHM) of (x, y)."""
+    nan = (math.nan, math.nan, math.nan)
+    reach = 3.0 * fwhm if reach is None else reach
+    good = ~np.asarray(bad, bool) & np.isfinite(diff) & np.isfinite(noise)
+    d = np.where(good, diff, 0.0)
+    v = np.where(good, np.asarray(noise, float) ** 2, 0.0)
+    yy, xx = np.mgrid[: d.shape[0], : d.shape[1]]
+    cx, cy, sig = float(x), float(y), fwhm / 2.3548
+    for scale in (2.0,) * 3 + (1.0,) * 8:  # each step at 1x halves the distance to the fixed point
+        w = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (scale * sig) ** 2)) * good
+        f = float((w * d).sum())
+        if not f > min_snr * math.sqrt(float((w * w * v).sum())):
+            return nan
+        nx_, ny_ = float((w * d * xx).sum()) / f, float((w * d * yy).sum()) / f
+        if math.hypot(nx_ - x, ny_ - y) > reach:
+            return nan
+        cx, cy = nx_, ny_
+    # first-moment error sqrt(sum(w^2 (x - xc)^2 var)) / F, the larger axis, doubled: a window as
+    # wide as the PSF pulls each moment halfway to its centre, so recentring to its fixed point
+    # doubles any shift, the noise's too (measured: 0.53 px scatter for 0.26 px at S/N 5.8)
+    ex = math.sqrt(float((w * w * (xx - cx) ** 2 * v).sum())) / f
+    ey = math.sqrt(float((w * w * (yy - cy) ** 2 * v).sum())) / f
+    return cx, cy, 2.0 * max(ex, ey)
+
+
+def centroid_motion(times, x, y, err, t0: float, *, min_motion: float, nsigma: float = 4.0,
+                    floor: float = 0.1) -> tuple[bool, float, float, float, float]:
+    """(moving, vx, vy, x0, y0 at ``t0``) from per-frame centroids with errors (px): a weighted
+    straight line, moving when it carries the source further than ``min_motion`` over the frames
+    and the line beats staying put by more than ``nsigma`` (chi-square drop for the two velocity
+    terms). ``floor`` (px) is added in quadrature to each error: frame-to-frame astrometry, which
+    a bright static source's tiny centroid errors would otherwise read as motion."""
+    t, x, y, e = (np.asarray(a, float) for a in (times, x, y, err))
+    ok = np.isfinite(t) & np.isfinite(x) & np.isfinite(y) & np.isfinite(e)
+    t, x, y, e = t[ok] - t0, x[ok], y[ok], np.hypot(e[ok], floor)
+    if len(t) < 2 or np.ptp(t) <= 0:
+        return False, math.nan, math.nan, math.nan, math.nan
+    w = 1.0 / e**2
+    (bx, ax), (by, ay) = np.polyfit(t, x, 1, w=np.sqrt(w)), np.polyfit(t, y, 1, w=np.sqrt(w))
+    chi_line = float((w * ((x - ax - bx * t) ** 2 + (y - ay - by * t) ** 2)).sum())
+    mx, my = float((w * x).sum() / w.sum()), float((w * y).sum() / w.sum())
+    chi_still = float((w * ((x - mx) ** 2 + (y - my) ** 2)).sum())
+    # a chi-square drop of 2 dof beyond nsigma's Gaussian tail probability
+    drop = -2.0 * math.log(math.erfc(nsigma / math.sqrt(2.0)))
+    moves = chi_still - chi_line > drop and math.hypot(bx, by) * np.ptp(t) > min_motion
+    return bool(moves), float(bx), float(by), float(ax), float(ay)

@@ -11,7 +11,9 @@ otherwise), and where ``ref_cat/sso/<night>.csv`` (predicted positions of known 
 objects: name, ra, dec, mjd, err_arcsec; ``science.moving.read_ephemeris``) is in storage, a
 candidate within its error of an object's position at the stack's mid-time gets its ``sso_name``.
 The moving candidates go in the result (``moving``) for the night report to link across stacks.
-Nothing is subtracted again here; the frames were measured once, by photometry.
+A candidate too faint for the frames' catalogues (a mover of S/N ~10 in a stack is ~6 in each of
+three frames) is measured where the frames are: ``centroid_movers`` differences a small cut-out of
+each frame of its stack (``stages.forced``'s) and fits a line through the flux's centroids.
 
 Products beside the stack: ``<stem>.cand.ecsv`` (every candidate: ra, dec, mag, magerr, snr,
 flags, score and the flag columns), ``<stem>.cand.reg`` (DS9) and ``<stem>.stamps/cand_<id>.png``
@@ -37,7 +39,7 @@ from .. import config, log, storage
 from ..config import settings
 from ..errors import BadInputError
 from ..science.astrometry import observation_time
-from ..science.detect import APER_FWHM, FLAG_BITS, detect_candidates, growth_correction, growth_radii
+from ..science.detect import APER_FWHM, FLAG_BITS, candidate_score, detect_candidates, growth_correction, growth_radii
 from ..science.stamps import candidate_stamps, region_text
 from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
 from .forced import light_curves
@@ -244,6 +246,8 @@ def run(ctx: Night, stack: str) -> dict:
                               max_rate_arcsec_h=float(cfg.get("max_rate_arcsec_h", 400.0)))
         sso_used = known_objects(ctx, t, span)
         add_realbogus_and_hosts(t, img, fwhm, wcs, refcat, pixscale, zp)
+        cen_notes = centroid_movers(ctx, entry, stack_meta.get("frames") or [], t, wcs, fwhm, span,
+                                    float(cfg["threshold"])) if moving else []
         ok = passing(t, float(cfg["rb_threshold"]), int(cfg["pass_flags"]))
         stamps = candidate_stamps(img["new"][0], img["ref"][0], img["diff"][0], t[ok], half=int(cfg["stamp_half"]),
                                   noise=img["noise"][0], max_stamps=int(cfg["max_stamps"]))
@@ -275,12 +279,108 @@ def run(ctx: Night, stack: str) -> dict:
             row["light_curve"] = f"{ckeys['stamps']}/cand_{row['id']:04d}.lc.ecsv"
     summary = {"status": "done", "n_candidates": len(t), "n_pass": int(ok.sum()), "zp": zp, "fwhm_px": round(fwhm, 3),
                "flag_counts": {name: int(np.sum(np.asarray(t[name], bool))) for name in FLAG_BITS} if len(t) else {},
-               "moving_from": len(frame_cats), "moving": moving_rows(t, span), "notes": notes, "top": top,
+               "moving_from": len(frame_cats), "moving": moving_rows(t, span), "notes": notes + cen_notes, "top": top,
                "stamps": len(stamps),
                "light_curves": len(curves) // 2, "forced_notes": lc_notes}
     write_sidecar(table_url, work, stack=stack, summary=summary, products=ckeys)
     log.event(_log, "searched", stack=stack, candidates=len(t), passing=int(ok.sum()), seconds=timer.seconds)
     return result | summary | {"products": ckeys, "seconds": timer.seconds}
+
+
+# per-frame centroids on cut-outs: the most candidates measured (by S/N) and the cut-out's half side
+CENTROID_MAX = 20
+CENTROID_HALF = 32
+
+
+def centroid_movers(ctx: Night, entry: dict, frame_ids: list[str], t: Table, wcs, fwhm: float,
+                    span: tuple[float, float], threshold: float) -> list[dict]:
+    """Flag ``moving`` in place the candidates the catalogues could not link (a faint mover is
+    under the photometry catalogues' S/N in each frame) whose position changes across the frames
+    of their own stack: each frame minus the reference on a small cut-out (``stages.forced``'s),
+    the flux's centroid there (``science.moving.residual_centroid``) taken to the stack's grid
+    through the two WCSs, and a straight line fitted (``science.moving.centroid_motion``). A
+    static transient's centroids agree within their errors and it stays put. Notes on frames
+    that could not be measured."""
+    from ..science import moving as mv
+    from . import forced as fst
+    from .stack import zero_point
+
+    todo = np.flatnonzero(~np.asarray(t["moving"], bool) & ~np.asarray(t["negative"], bool)
+                          & (np.asarray(t["snr"], float) >= threshold)) if len(t) else []
+    todo = sorted(todo, key=lambda i: -float(t["snr"][i]))[:CENTROID_MAX]
+    frames = {f["id"]: f for f in ctx.plan()["frames"]}
+    ref_key = find_reference(ctx.root, entry["field"], entry["filter"])
+    if not len(todo) or len(frame_ids) < 2 or ref_key is None:
+        return []
+    pixscale = config.instrument(ctx.unit).pixscale
+    ra, dec = np.asarray(t["ra"], float)[todo], np.asarray(t["dec"], float)[todo]
+    xs, ys, es, ts, notes = [], [], [], [], []
+    with fst._image(ctx.url(ref_key)) as (rhdul, ridx):
+        ref = (rhdul[ridx].data, rhdul[ridx].header)
+        zp_ref, _ = zero_point(ref[1], fst.REF_ZP_KEYS)
+        for fid in frame_ids:
+            if fid not in frames or not storage.exists(ctx.url(frames[fid]["output"])):
+                notes.append({"frame": fid, "reason": "no calibrated frame for centroids"})
+                continue
+            with fst._image(ctx.url(frames[fid]["output"])) as (hdul, idx):
+                cols = _frame_centroids(hdul, idx, ra, dec, ref, zp_ref, wcs, fwhm, pixscale, fst, mv)
+            if cols is None:
+                notes.append({"frame": fid, "reason": "no WCS, zero point or VARIANCE for centroids"})
+                continue
+            xs.append(cols[0]), ys.append(cols[1]), es.append(cols[2])
+            ts.append(_mjd(frames[fid]["date_obs"]) + float(frames[fid]["exptime"]) / 2 / 86400.0)
+    if len(ts) < 2:
+        return notes
+    t0 = 0.5 * (span[0] + span[1])
+    moving_bit = FLAG_BITS["moving"]
+    for k, i in enumerate(todo):
+        moves, vx, vy, x0, y0 = mv.centroid_motion(ts, [c[k] for c in xs], [c[k] for c in ys], [c[k] for c in es],
+                                                   t0, min_motion=0.3 * fwhm)
+        if not moves:
+            continue
+        rate, pa = mv.rate_and_pa(wcs, [x0], [y0], [vx], [vy], per_hour=24.0)
+        if not rate[0] <= float(settings("detect").get("max_rate_arcsec_h", 400.0)) * 1.2:
+            continue
+        t["moving"][i] = True
+        t["rate_arcsec_h"][i], t["pa_deg"][i] = rate[0], pa[0]
+        t["flags"][i] = int(t["flags"][i]) | moving_bit
+    t["score"] = candidate_score(t, threshold)
+    return notes
+
+
+def _frame_centroids(hdul, idx, ra, dec, ref, zp_ref, wcs, fwhm, pixscale, fst, mv):
+    """(x, y, error) on the stack's grid of the difference flux near each (ra, dec) in one frame
+    (NaN where none), or None when the frame cannot be differenced."""
+    from .stack import has_celestial_wcs, zero_point
+
+    header = hdul[idx].header
+    zp, _ = zero_point(header, ("ZP",) + tuple(settings("stack")["zp_keys"]))
+    if not has_celestial_wcs(header) or zp is None or "VARIANCE" not in [h.name for h in hdul]:
+        return None
+    scale = 10 ** (0.4 * (zp - zp_ref)) if zp_ref is not None else 1.0
+    seeing, ref_seeing = (fst._seeing_px(h, pixscale) for h in (header, ref[1]))
+    fw = fst._wcs(header)
+    px, py = fw.world_to_pixel_values(ra, dec)
+    out = np.full((3, len(ra)), np.nan)
+    for k, (x, y) in enumerate(zip(np.atleast_1d(px), np.atleast_1d(py))):
+        box = fst.forced.cutout_box(hdul[idx].data.shape, float(x), float(y), CENTROID_HALF)
+        if box is None:
+            continue
+        # the Gaussian kernel, not the native engine the light curves try first: what it leaves of a
+        # host is the same in every frame, so it moves no centroid, and it costs a fraction
+        try:
+            new, var, mask, grid = fst._frame_cut(hdul, idx, box)
+            d = fst.forced.difference(new, var, mask, *fst._reference_cut(ref[0], ref[1], grid, new.shape, scale),
+                                      fwhm_new=seeing, fwhm_ref=ref_seeing, native=False)
+        except BadInputError:
+            continue
+        cx, cy, err = mv.residual_centroid(d.diff, d.noise, d.mask, float(x) - box[2], float(y) - box[0],
+                                           seeing or d.fwhm or fwhm)
+        if np.isfinite(cx):
+            sra, sdec = fw.pixel_to_world_values(cx + box[2], cy + box[0])
+            sx, sy = wcs.world_to_pixel_values(sra, sdec)
+            out[:, k] = float(sx), float(sy), err  # the frame's and the stack's pixels are alike in size
+    return out
 
 
 def moving_rows(t: Table, span: tuple[float, float]) -> list[dict]:
