@@ -73,48 +73,63 @@ def features(diff, noise, mask, ref, fwhm: float, dx: float = 0.0, dy: float = 0
     peak_model = amp * psf[inner].max() if inner.any() else 0.0
     peak = d[inner].max() if inner.any() else 0.0
     sharp = peak / peak_model if peak_model > 0 else 0.0
-    # second moments of the positive, significant light in a Gaussian window
-    win = np.where(core & ~bad, np.clip(d, 0, None) * np.exp(-r2 / (2 * 4 * s2)), 0.0)
-    tot = win.sum()
-    if tot > 0:
-        cx, cy = (win * ux).sum() / tot, (win * uy).sum() / tot
-        mxx = (win * (ux - cx) ** 2).sum() / tot
-        myy = (win * (uy - cy) ** 2).sum() / tot
-        mxy = (win * (ux - cx) * (uy - cy)).sum() / tot
-        tr, det = mxx + myy, mxx * myy - mxy**2
-        disc = math.sqrt(max(tr * tr / 4 - det, 0.0))
-        l1, l2 = tr / 2 + disc, max(tr / 2 - disc, 1e-6)
-        # a Gaussian of sigma s seen through a window of sigma 2s has second moment 0.8 s^2
-        size = math.sqrt(max(l1 + l2, 0.0) / 2 / 0.8) / SIGMA_PER_FWHM / fwhm
-        elong = math.sqrt(l1 / l2)
-        coff = math.hypot(cx, cy) / fwhm
-    else:
-        size, elong, coff = 0.0, 1.0, 5.0
+    size, elong, coff = _light_shape(d, bad, core, r2, ux, uy, s2, fwhm)
     same = d[good_core & (z > 2.5)].sum()
     opp = -d[good_core & (z < -2.5)].sum()
     opp_frac = opp / same if same > 0 else 10.0
     opp_min = float(z[good_core].min()) if good_core.any() else 0.0
+    col_ex, row_ex, ring = _outside_core(z, core, bad, ux, uy)
+    mask_core = float(bad[core].mean())
+    mask_stamp = float(bad.mean())
+    ref_contrast = _ref_contrast(ref, r2, fwhm, amp)
+    sd = float(min(star_dist, STAR_DIST_CAP)) if np.isfinite(star_dist) else STAR_DIST_CAP
+    return np.array([snr, chi2, sharp, size, elong, min(opp_frac, 10.0), opp_min, coff, col_ex, row_ex, ring,
+                     mask_core, mask_stamp, ref_contrast, sd, 1.0 if sign >= 0 else -1.0], float)
+
+
+def _light_shape(d, bad, core, r2, ux, uy, s2: float, fwhm: float) -> tuple[float, float, float]:
+    """Size (in FWHM), elongation and centroid offset (in FWHM) of the positive light in the core."""
+    # second moments of the positive, significant light in a Gaussian window
+    win = np.where(core & ~bad, np.clip(d, 0, None) * np.exp(-r2 / (2 * 4 * s2)), 0.0)
+    tot = win.sum()
+    if not tot > 0:
+        return 0.0, 1.0, 5.0
+    cx, cy = (win * ux).sum() / tot, (win * uy).sum() / tot
+    mxx = (win * (ux - cx) ** 2).sum() / tot
+    myy = (win * (uy - cy) ** 2).sum() / tot
+    mxy = (win * (ux - cx) * (uy - cy)).sum() / tot
+    tr, det = mxx + myy, mxx * myy - mxy**2
+    disc = math.sqrt(max(tr * tr / 4 - det, 0.0))
+    l1, l2 = tr / 2 + disc, max(tr / 2 - disc, 1e-6)
+    # a Gaussian of sigma s seen through a window of sigma 2s has second moment 0.8 s^2
+    size = math.sqrt(max(l1 + l2, 0.0) / 2 / 0.8) / SIGMA_PER_FWHM / fwhm
+    return size, math.sqrt(l1 / l2), math.hypot(cx, cy) / fwhm
+
+
+def _outside_core(z, core, bad, ux, uy) -> tuple[float, float, float]:
+    """Mean S/N along the candidate's column and row, and the S/N scatter, all outside the core."""
     outside = ~core & ~bad
     col = outside & (np.abs(ux) < 0.75)
     row = outside & (np.abs(uy) < 0.75)
     col_ex = float(z[col].mean()) if col.any() else 0.0
     row_ex = float(z[row].mean()) if row.any() else 0.0
     ring = float(np.sqrt((z[outside] ** 2).mean())) if outside.any() else 0.0
-    mask_core = float(bad[core].mean())
-    mask_stamp = float(bad.mean())
-    ref_contrast = -3.0
-    if ref is not None:
-        rf = np.asarray(ref, float)
-        fin = np.isfinite(rf)
-        if fin.any():
-            rb = rf - np.median(rf[fin])
-            under = (r2 <= (1.5 * fwhm) ** 2) & fin
-            light = float(rb[under].sum()) if under.any() else 0.0
-            flux = max(amp, 1e-9 * max(abs(light), 1.0))
-            ref_contrast = float(np.clip(math.log10(max(light, 1e-3 * flux) / flux), -3.0, 5.0))
-    sd = float(min(star_dist, STAR_DIST_CAP)) if np.isfinite(star_dist) else STAR_DIST_CAP
-    return np.array([snr, chi2, sharp, size, elong, min(opp_frac, 10.0), opp_min, coff, col_ex, row_ex, ring,
-                     mask_core, mask_stamp, ref_contrast, sd, 1.0 if sign >= 0 else -1.0], float)
+    return col_ex, row_ex, ring
+
+
+def _ref_contrast(ref, r2, fwhm: float, amp: float) -> float:
+    """log10 of the reference's background-subtracted light under the core over the candidate's flux."""
+    if ref is None:
+        return -3.0
+    rf = np.asarray(ref, float)
+    fin = np.isfinite(rf)
+    if not fin.any():
+        return -3.0
+    rb = rf - np.median(rf[fin])
+    under = (r2 <= (1.5 * fwhm) ** 2) & fin
+    light = float(rb[under].sum()) if under.any() else 0.0
+    flux = max(amp, 1e-9 * max(abs(light), 1.0))
+    return float(np.clip(math.log10(max(light, 1e-3 * flux) / flux), -3.0, 5.0))
 
 
 def cutout(image, x: float, y: float, half: int, fill=np.nan) -> np.ndarray:
