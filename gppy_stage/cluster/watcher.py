@@ -12,9 +12,7 @@ night again. Slack hears about a night only from the submission that created it.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import time
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta, timezone
@@ -23,43 +21,12 @@ from .. import log, storage
 from ..errors import ConfigError, GppyError, RetriableError
 from ..names import NightName, night_date_of
 from . import submission
+from .workflow_names import night_labels, workflow_name
 
 STATE_KEY = "runs/_watcher/state.json"
 MARKER_PREFIX = "runs/_watcher/submitted"
 SLACK_ENV = "SLACK_WEBHOOK_URL"  # what gppy_stage.notify reads
 _log = log.get("watcher")
-
-
-# --- names ----------------------------------------------------------------------------------
-
-
-def workflow_name(unit: str, night: str, attempt: int = 0) -> str:
-    """A DNS-safe name fixed by unit and night: ``gppy-7dt03-2025-01-01-gain2750-3f9a1c``.
-
-    The readable part is lowercased (Kubernetes names must be), so the short hash of the exact
-    folder name keeps ``..._ToO`` and ``..._too`` (or ``_ToO_gain`` vs ``_gain_ToO``) apart.
-    A resubmission ``attempt`` n > 0 ends in ``-r<n>``: fixed too, so two operators resubmitting
-    at once still make one workflow.
-    """
-    readable = re.sub(r"[^a-z0-9]+", "-", f"{unit}-{night}".lower()).strip("-")
-    digest = hashlib.sha256(f"{unit}/{night}".encode()).hexdigest()[:6]
-    suffix = f"-r{attempt}" if attempt else ""
-    # 63 keeps pod names derived from it within Kubernetes' label-length limits
-    return f"gppy-{readable[: 63 - 5 - 7 - len(suffix)]}-{digest}{suffix}".replace("--", "-")
-
-
-def _label(value: str) -> str:
-    value = re.sub(r"[^A-Za-z0-9._-]+", "-", value)[:63]
-    return value.strip("-._")
-
-
-def night_labels(unit: str, night: NightName, kind: str) -> dict[str, str]:
-    return {
-        "gppy.io/obs": _label(unit),
-        "gppy.io/night": _label(night.folder),
-        "gppy.io/submitted-by": kind,
-        "gppy.io/too": "true" if night.too else "false",
-    }
 
 
 # --- Kubernetes ---------------------------------------------------------------------------
@@ -266,57 +233,73 @@ def poll(root: str, units: list[str], api, *, namespace: str = submission.NAMESP
     decisions: list[Decision] = []
     for unit in units:
         for night in candidate_nights(root, unit, since=since):
-            key = f"{unit}/{night.folder}"
-            if night.test and not include_test:
-                decisions.append(Decision(unit, night.folder, "skipped-test"))
-                continue
-            marker = read_marker(root, unit, night.folder)
-            if marker is not None:
-                late = check_late(root, unit, night.folder, marker, now) if not dry_run else None
-                if late is not None:
-                    decisions.append(late)
-                continue
-            if not night.too and night.date >= night_date_of(datetime.fromtimestamp(now, timezone.utc).replace(tzinfo=None)):
-                # a quiet folder mid-night is clouds, not the end: regular nights wait for the night to
-                # be over (noon UTC after it); ToO nights go as soon as they stop growing
-                decisions.append(Decision(unit, night.folder, "in-progress"))
-                continue
-            objs = _listing(root, unit, night.folder)
-            cur = observe(root, unit, night.folder, now, objs)
-            prev = state["nights"].get(key)
-            unchanged = prev is not None and cur.same_size(Observation(**prev))
-            # an unchanged size keeps the time it was first seen: that is what the gap is measured from
-            seen[key] = dict(asdict(cur), polled=prev["polled"]) if unchanged else asdict(cur)
-            d = Decision(unit, night.folder, "growing", count=cur.count, bytes=cur.bytes)
-            decisions.append(d)
-            if cur.count == 0 or not unchanged or now - prev["polled"] < min_gap_s:
-                continue
-            if now - cur.newest < quiet_s:
-                d.action = "settling"
-                continue
-            d.workflow = workflow_name(unit, night.folder)
-            if dry_run:
-                d.action = "would-submit"
-                log.event(_log, "would submit", unit=unit, night=night.folder, workflow=d.workflow)
-                continue
-            body = submission.night_workflow(unit, night.folder, too=night.too, name=d.workflow, root=root,
-                                           labels=night_labels(unit, night, "watcher"))
-            d.action = "submitted" if submit(api, namespace, body) == "created" else "exists"
-            # the file list lets a later poll name the files that arrive after this
-            _write_marker(root, unit, night.folder, {
-                "workflow": d.workflow, "namespace": namespace, "at": now, "result": d.action,
-                "count": cur.count, "bytes": cur.bytes, "files": sorted(o.key for o in objs)})
-            log.event(_log, d.action, unit=unit, night=night.folder, workflow=d.workflow,
-                      files=cur.count, bytes=cur.bytes)
-            if d.action == "submitted":
-                kind = " (ToO)" if night.too else ""
-                notify(f"new night detected: {unit} {night.folder}{kind}, {cur.count} files, "
-                       f"{cur.bytes / 1e9:.1f} GB; workflow {namespace}/{d.workflow} submitted")
+            d = _poll_night(root, unit, night, api, state["nights"], seen, namespace=namespace, quiet_s=quiet_s,
+                            include_test=include_test, dry_run=dry_run, now=now, min_gap_s=min_gap_s)
+            if d is not None:
+                decisions.append(d)
     if not dry_run:
         # only nights still being watched are kept, so the state stays small
         state = {"version": 1, "nights": seen, "updated": now}
         save_state(root, state)
     return decisions
+
+
+def _poll_night(root: str, unit: str, night: NightName, api, previous: dict, seen: dict, *, namespace: str,
+                quiet_s: float, include_test: bool, dry_run: bool, now: float, min_gap_s: float) -> Decision | None:
+    """One night folder in a poll: skipped, checked for late files once submitted, else its size
+    recorded in ``seen`` and the night submitted once quiet. None: submitted before, nothing new."""
+    key = f"{unit}/{night.folder}"
+    if night.test and not include_test:
+        return Decision(unit, night.folder, "skipped-test")
+    marker = read_marker(root, unit, night.folder)
+    if marker is not None:
+        return check_late(root, unit, night.folder, marker, now) if not dry_run else None
+    if not night.too and night.date >= night_date_of(datetime.fromtimestamp(now, timezone.utc).replace(tzinfo=None)):
+        # a quiet folder mid-night is clouds, not the end: regular nights wait for the night to
+        # be over (noon UTC after it); ToO nights go as soon as they stop growing
+        return Decision(unit, night.folder, "in-progress")
+    objs = _listing(root, unit, night.folder)
+    cur = observe(root, unit, night.folder, now, objs)
+    prev = previous.get(key)
+    unchanged = prev is not None and cur.same_size(Observation(**prev))
+    # an unchanged size keeps the time it was first seen: that is what the gap is measured from
+    seen[key] = dict(asdict(cur), polled=prev["polled"]) if unchanged else asdict(cur)
+    d = Decision(unit, night.folder, "growing", count=cur.count, bytes=cur.bytes)
+    if cur.count == 0 or not unchanged or now - prev["polled"] < min_gap_s:
+        return d
+    if now - cur.newest < quiet_s:
+        d.action = "settling"
+        return d
+    d.workflow = workflow_name(unit, night.folder)
+    if dry_run:
+        d.action = "would-submit"
+        log.event(_log, "would submit", unit=unit, night=night.folder, workflow=d.workflow)
+        return d
+    _submit_quiet_night(root, unit, night, d, cur, objs, api, namespace, now)
+    return d
+
+
+def _submit_quiet_night(root: str, unit: str, night: NightName, d: Decision, cur: Observation,
+                        objs: list[storage.ObjectInfo], api, namespace: str, now: float) -> None:
+    d.action = _submit_night(api, namespace, root, unit, night.folder, night, d.workflow, "watcher", too=night.too)
+    # the file list lets a later poll name the files that arrive after this
+    _write_marker(root, unit, night.folder, {
+        "workflow": d.workflow, "namespace": namespace, "at": now, "result": d.action,
+        "count": cur.count, "bytes": cur.bytes, "files": sorted(o.key for o in objs)})
+    log.event(_log, d.action, unit=unit, night=night.folder, workflow=d.workflow,
+              files=cur.count, bytes=cur.bytes)
+    if d.action == "submitted":
+        kind = " (ToO)" if night.too else ""
+        notify(f"new night detected: {unit} {night.folder}{kind}, {cur.count} files, "
+               f"{cur.bytes / 1e9:.1f} GB; workflow {namespace}/{d.workflow} submitted")
+
+
+def _submit_night(api, namespace: str, root: str, unit: str, folder: str, night: NightName, workflow: str,
+                  kind: str, **options) -> str:
+    """Create the night's Workflow: ``"submitted"``, or ``"exists"`` when that name already ran."""
+    body = submission.night_workflow(unit, folder, name=workflow, root=root, labels=night_labels(unit, night, kind),
+                                     **options)
+    return "submitted" if submit(api, namespace, body) == "created" else "exists"
 
 
 def watch(root: str, units: list[str], api, *, interval_s: float = 300, once: bool = False, **kwargs) -> None:
@@ -357,9 +340,7 @@ def resubmit(root: str, unit: str, night: str, api, *, namespace: str = submissi
                  bytes=cur.bytes)
     if dry_run:
         return d
-    body = submission.night_workflow(unit, night, too=name.too, name=d.workflow, root=root,
-                                   labels=night_labels(unit, name, "resubmit"))
-    d.action = "submitted" if submit(api, namespace, body) == "created" else "exists"
+    d.action = _submit_night(api, namespace, root, unit, night, name, d.workflow, "resubmit", too=name.too)
     history = marker.get("resubmissions", []) + [{"workflow": d.workflow, "at": now, "result": d.action,
                                                    "count": cur.count, "late": marker.get("late")}]
     _write_marker(root, unit, night, {
@@ -394,9 +375,7 @@ def backlog(root: str, obs: str, date_from: date, date_to: date, api, *, namespa
         name = workflow_name(obs, night.folder)
         d = Decision(obs, night.folder, "would-submit", workflow=name)
         if not dry_run:
-            body = submission.night_workflow(obs, night.folder, backlog=True, name=name, root=root,
-                                           labels=night_labels(obs, night, "backlog"))
-            d.action = "submitted" if submit(api, namespace, body) == "created" else "exists"
+            d.action = _submit_night(api, namespace, root, obs, night.folder, night, name, "backlog", backlog=True)
             log.event(_log, d.action, unit=obs, night=night.folder, workflow=name, priority="backlog")
         out.append(d)
     return out
