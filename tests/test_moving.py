@@ -31,7 +31,7 @@ UNIT, DATE, NIGHT, SEED = "7DT01", "2025-01-01", "2025-01-01_gain2750", 3
 MOVERS = "5:40,30:130:snr15,100:250,300:320:16.3,60:200:snr10"
 KNOWN = "2025 XK12"  # the name the ephemeris file gives the 30 "/h mover (SIM002)
 PIXSCALE = 0.505
-# the issue's floor is S/N 10 per stack; the snr10 mover is measured at 8.5 in its stack
+# the issue's floor is S/N 10 per stack; the snr10 mover (SIM005) is measured at 8.5 in m425
 MIN_SNR = 8.0
 
 
@@ -237,7 +237,9 @@ def test_every_mover_flagged_with_its_rate_and_angle(night):
             for c in near:
                 print(f"{sid} {mv['name']:8s} {mv['rate']:6.1f}\"/h PA {mv['pa']:5.1f}: #{c['id']} moving {c['moving']} "
                       f"{c['rate_arcsec_h']:.1f}\"/h PA {c['pa_deg']:.1f} S/N {c['snr']:.1f}")
-                if c["snr"] < MIN_SNR:  # SIM005 in m475: its snr10 is set for m425, it is fainter here
+                # SIM005 in m475: leaving the frame (its truth is off the frame in two of the three
+                # frames), S/N 6.3 in the stack: nothing to measure a motion from
+                if c["snr"] < MIN_SNR:
                     continue
                 assert c["moving"], (sid, mv["name"])
                 assert abs(c["rate_arcsec_h"] - mv["rate"]) < 0.2 * mv["rate"]
