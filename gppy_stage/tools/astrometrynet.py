@@ -53,23 +53,13 @@ def solve_field(
     index_dir = Path(index_dir)
     if not any(index_dir.glob("index-*.fits")):
         raise ToolError(f"no astrometry.net index files in {index_dir}: install astrometry-data-tycho2")
-    order = np.argsort(-np.asarray(sources[flux_col], float))[:max_sources]
-    xy = Table({"X": np.asarray(sources[x_col], float)[order], "Y": np.asarray(sources[y_col], float)[order],
-                "FLUX": np.asarray(sources[flux_col], float)[order]})
+    xy = _brightest(sources, x_col, y_col, flux_col, max_sources)
     with tempfile.TemporaryDirectory(prefix="gppy_solve_") as tmp:
         tmp = Path(tmp)
         xy.write(tmp / "xy.fits")
         # our own backend config: the bounded CPU limit and only the index folder we name
         (tmp / "backend.cfg").write_text(f"cpulimit {int(np.ceil(cpulimit))}\nadd_path {index_dir}\nautoindex\n")
-        args = [
-            "xy.fits", "--config", "backend.cfg", "--dir", str(tmp), "--overwrite", "--no-plots",
-            "--width", str(int(width)), "--height", str(int(height)),
-            "--x-column", "X", "--y-column", "Y", "--sort-column", "FLUX",
-            "--scale-units", "arcsecperpix", "--scale-low", f"{scale_low:.6g}", "--scale-high", f"{scale_high:.6g}",
-            "--cpulimit", str(int(np.ceil(cpulimit))), "--crpix-center", "--tweak-order", str(int(tweak_order)),
-            "--new-fits", "none", "--rdls", "none", "--match", "none", "--index-xyls", "none",
-            "--temp-axy", "--solved", "xy.solved", "--wcs", "xy.wcs", "--corr", "xy.corr",
-        ]
+        args = _arguments(tmp, width, height, scale_low, scale_high, cpulimit, tweak_order)
         if ra is not None and dec is not None:
             args += ["--ra", f"{ra:.8f}", "--dec", f"{dec:.8f}", "--radius", f"{radius_deg or 2.0:.4f}"]
         for key, value in (options or {}).items():
@@ -79,10 +69,41 @@ def solve_field(
             raise NotSolvedError(f"solve-field found no solution within {cpulimit} s CPU: "
                                  f"{(proc.stdout or '')[-800:]}")
         header = fits.getheader(tmp / "xy.wcs")
-        nmatch = 0
-        if (tmp / "xy.corr").is_file():
-            with fits.open(tmp / "xy.corr") as hdul:
-                nmatch = len(hdul[1].data) if len(hdul) > 1 and hdul[1].data is not None else 0
+        nmatch = _matched(tmp / "xy.corr")
+    return _wcs_cards(header, nmatch)
+
+
+def _brightest(sources: Table, x_col: str, y_col: str, flux_col: str, max_sources: int) -> Table:
+    order = np.argsort(-np.asarray(sources[flux_col], float))[:max_sources]
+    return Table({"X": np.asarray(sources[x_col], float)[order], "Y": np.asarray(sources[y_col], float)[order],
+                  "FLUX": np.asarray(sources[flux_col], float)[order]})
+
+
+def _arguments(tmp: Path, width: int, height: int, scale_low: float, scale_high: float, cpulimit: float,
+               tweak_order: int) -> list[str]:
+    """solve-field's command line for ``xy.fits`` in ``tmp``: only the WCS, the match list and the
+    solved flag are written, no plots or new image."""
+    return [
+        "xy.fits", "--config", "backend.cfg", "--dir", str(tmp), "--overwrite", "--no-plots",
+        "--width", str(int(width)), "--height", str(int(height)),
+        "--x-column", "X", "--y-column", "Y", "--sort-column", "FLUX",
+        "--scale-units", "arcsecperpix", "--scale-low", f"{scale_low:.6g}", "--scale-high", f"{scale_high:.6g}",
+        "--cpulimit", str(int(np.ceil(cpulimit))), "--crpix-center", "--tweak-order", str(int(tweak_order)),
+        "--new-fits", "none", "--rdls", "none", "--match", "none", "--index-xyls", "none",
+        "--temp-axy", "--solved", "xy.solved", "--wcs", "xy.wcs", "--corr", "xy.corr",
+    ]
+
+
+def _matched(corr: Path) -> int:
+    """How many index stars the solution matched (rows of the ``.corr`` table; 0 without one)."""
+    if not corr.is_file():
+        return 0
+    with fits.open(corr) as hdul:
+        return len(hdul[1].data) if len(hdul) > 1 and hdul[1].data is not None else 0
+
+
+def _wcs_cards(header: fits.Header, nmatch: int) -> fits.Header:
+    """The WCS cards of solve-field's header (not its image structure or history), with ANMATCH and ANVER."""
     out = fits.Header()
     for card in header.cards:
         if card.keyword in ("SIMPLE", "BITPIX", "EXTEND", "NAXIS", "COMMENT", "HISTORY", "DATE") or card.keyword.startswith("NAXIS"):
