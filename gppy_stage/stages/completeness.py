@@ -47,7 +47,8 @@ from ..science.subtract_native import DEFAULTS as NATIVE_DEFAULTS
 from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
 from .detect import candidate_aperture
 from .stack import stem, zero_point
-from .subtract import NO_REFERENCE, choose_engine, find_reference, product_keys, reference_on_grid, run_subtraction
+from .subtract import (choose_engine, find_reference, product_keys, reference_on_grid, run_subtraction,
+                       without_difference)
 
 _log = log.get("completeness")
 
@@ -238,10 +239,7 @@ def run(ctx: Night, stack: str) -> dict:
     result = {"stack": stack, "output": out["table"]}
     diff_url, stack_url, table_url = ctx.url(keys["diff"]), ctx.url(entry["output"]), ctx.url(out["table"])
     if not storage.exists(diff_url):
-        if find_reference(ctx.root, entry["field"], entry["filter"]) is None:
-            return result | {"status": NO_REFERENCE, "flag": "no_reference", "output": None,
-                             "reason": f"no reference frame for {entry['field']} in {entry['filter']}: nothing to measure"}
-        raise BadInputError(f"stack {stack} has no difference image (see the subtract stage's result)", path=diff_url)
+        return result | without_difference(ctx, entry, diff_url, "measure")
     diff_meta = read_sidecar(diff_url) or {}
     work = input_hash("completeness", [{"diff": keys["diff"], "hash": diff_meta.get("hash")}],
                       {"cfg": cfg, "detect": {k: det_cfg[k] for k in ("threshold", "minarea")}})

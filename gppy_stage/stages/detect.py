@@ -45,7 +45,7 @@ from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
 from .forced import light_curves
 from .photometry import product_keys as phot_keys
 from .stack import stem
-from .subtract import NO_REFERENCE, find_reference, product_keys
+from .subtract import find_reference, product_keys, without_difference
 
 _log = log.get("detect")
 
@@ -205,10 +205,7 @@ def run(ctx: Night, stack: str) -> dict:
     result = {"stack": stack, "output": ckeys["table"]}
     diff_url = ctx.url(keys["diff"])
     if not storage.exists(diff_url):
-        if find_reference(ctx.root, entry["field"], entry["filter"]) is None:
-            return result | {"status": NO_REFERENCE, "flag": "no_reference", "output": None,
-                             "reason": f"no reference frame for {entry['field']} in {entry['filter']}: nothing to search"}
-        raise BadInputError(f"stack {stack} has no difference image (see the subtract stage's result)", path=diff_url)
+        return result | without_difference(ctx, entry, diff_url, "search")
     diff_meta = read_sidecar(diff_url) or {}
     stack_meta = read_sidecar(ctx.url(entry["output"])) or {}
     moving = cfg.get("moving", "catalogues") != "none" and bool(stack_meta.get("frames"))

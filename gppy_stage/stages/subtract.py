@@ -49,6 +49,16 @@ def product_keys(stack_key: str) -> dict[str, str]:
     return names.difference_keys(stack_key)  # 7DT's <stem>.diff.fits..., gpPy's hd<stem>/hc<stem>
 
 
+def without_difference(ctx: Night, entry: dict, diff_url: str, purpose: str) -> dict:
+    """The result of a stage that reads a stack's difference image when there is none: "no
+    reference" when there was nothing to subtract (``purpose`` says what is then not done);
+    otherwise the subtract stage failed on it, which is said, naming the file."""
+    if find_reference(ctx.root, entry["field"], entry["filter"]) is None:
+        return {"status": NO_REFERENCE, "flag": "no_reference", "output": None,
+                "reason": f"no reference frame for {entry['field']} in {entry['filter']}: nothing to {purpose}"}
+    raise BadInputError(f"stack {entry['id']} has no difference image (see the subtract stage's result)", path=diff_url)
+
+
 def find_reference(root: str, field: str, filt: str, patterns=None) -> str | None:
     """Key (relative to root) of the reference frame of a field and filter, or None.
 
