@@ -27,6 +27,7 @@ from gppy_stage.cluster import submission, watcher, workflow
 from gppy_stage.science.astrometry import offset_from_truth
 from gppy_stage.sim.check import match_transient
 from gppy_stage.sim.imsng import simulate_site_night
+from test_watcher import kube  # noqa: F401  (the Kubernetes API emulator on 127.0.0.1, as a fixture)
 
 pytestmark = pytest.mark.slow  # two small nights, about two minutes each on 2 cores
 
@@ -153,22 +154,7 @@ def test_argo_submission_for_loao_has_the_shape_of_7dt():
     assert re.fullmatch(r"gppy-loao-2024-0229-[0-9a-f]{6}", watcher.workflow_name("LOAO", "2024_0229"))
 
 
-def _kube(tmp_path, monkeypatch):
-    from test_watcher import KubeAPI  # the Kubernetes API emulator on 127.0.0.1 the watcher tests use
-
-    api = KubeAPI()
-    cfg = tmp_path / "kubeconfig"
-    cfg.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "emu",
-        "clusters": [{"name": "emu", "cluster": {"server": api.url}}],
-        "users": [{"name": "emu", "user": {"token": "dummy"}}],
-        "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "emu", "namespace": "gppy"}}]}))
-    monkeypatch.setenv("KUBECONFIG", str(cfg))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    return api
-
-
-def test_watch_and_backlog_find_the_loao_night(nights, tmp_path, monkeypatch):
+def test_watch_and_backlog_find_the_loao_night(nights, kube, tmp_path, monkeypatch):
     """The simulated LOAO night, under a recent date, is submitted once by `gppy watch --once` (it
     watches LOAO with its YYYY_MMDD folders beside a 7DT unit), and `gppy backlog --obs LOAO` finds
     it by date; nothing else in obsdata/LOAO is taken for a night."""
@@ -184,22 +170,18 @@ def test_watch_and_backlog_find_the_loao_night(nights, tmp_path, monkeypatch):
             os.link(p, root / "obsdata/LOAO" / folder / p.name)
     (root / "obsdata/LOAO/calib_library").mkdir()
     (root / "obsdata/LOAO/calib_library/x.fits").write_bytes(b"")
-    kube = _kube(tmp_path, monkeypatch)
-    try:
-        runner = CliRunner()
-        env = {"GPPY_ROOT": str(root), "GPPY_UNITS": "7DT01,LOAO", "GPPY_QUIET_MINUTES": "0",
-               "GPPY_POLL_GAP_MINUTES": "0"}
-        for _ in range(2):  # the first poll sees the folder, the second finds it unchanged
-            r = runner.invoke(app, ["watch", "--once"], env=env)
-            assert r.exit_code == 0, r.output
-        assert kube.names() == [watcher.workflow_name("LOAO", recent)]
-        wf = next(iter(kube.objects.values()))
-        params = {p["name"]: p.get("value") for p in wf["spec"]["arguments"]["parameters"]}
-        assert (params["obs"], params["night"]) == ("LOAO", recent)
-        r = runner.invoke(app, ["backlog", "--obs", "LOAO", "--from", "2024-02-28", "--to", "2024-03-01",
-                                "--root", str(root), "--dry-run"])
+    runner = CliRunner()
+    env = {"GPPY_ROOT": str(root), "GPPY_UNITS": "7DT01,LOAO", "GPPY_QUIET_MINUTES": "0",
+           "GPPY_POLL_GAP_MINUTES": "0"}
+    for _ in range(2):  # the first poll sees the folder, the second finds it unchanged
+        r = runner.invoke(app, ["watch", "--once"], env=env)
         assert r.exit_code == 0, r.output
-        lines = [ln.split("\t") for ln in r.output.splitlines() if ln.startswith("would-submit")]
-        assert [(ln[1], ln[2]) for ln in lines] == [("LOAO", "2024_0229")]
-    finally:
-        kube.server.shutdown()
+    assert kube.names() == [watcher.workflow_name("LOAO", recent)]
+    wf = next(iter(kube.objects.values()))
+    params = {p["name"]: p.get("value") for p in wf["spec"]["arguments"]["parameters"]}
+    assert (params["obs"], params["night"]) == ("LOAO", recent)
+    r = runner.invoke(app, ["backlog", "--obs", "LOAO", "--from", "2024-02-28", "--to", "2024-03-01",
+                            "--root", str(root), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    lines = [ln.split("\t") for ln in r.output.splitlines() if ln.startswith("would-submit")]
+    assert [(ln[1], ln[2]) for ln in lines] == [("LOAO", "2024_0229")]
