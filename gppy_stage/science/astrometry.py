@@ -7,7 +7,6 @@ Pure functions on arrays, Tables and Headers; the stage module does the reading 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import astropy.units as u
@@ -16,12 +15,13 @@ from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.table import Table
 from astropy.time import Time
-from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs import WCS
 
 from ..errors import BadInputError, ToolError
 from ..headers import pointing  # noqa: F401  (the frame's pointing: one reader, in headers)
 from ..tools import astromatic, astrometrynet
 from . import refcat as refcat_mod
+from .wcsutil import wcs_of
 
 # the WCS cards a new solution replaces (anything left from an older one would corrupt it)
 _WCS_KEY_PREFIXES = ("CTYPE", "CRVAL", "CRPIX", "CD1_", "CD2_", "PC1_", "PC2_", "CDELT", "CUNIT", "PV1_", "PV2_",
@@ -50,9 +50,7 @@ class Solution:
 
     @property
     def wcs(self) -> WCS:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FITSFixedWarning)
-            return WCS(self.wcs_header)
+        return wcs_of(self.wcs_header)
 
     def summary(self) -> dict:
         return {"method": self.method, "nmatch": self.nmatch, "rms_arcsec": [self.rms1_arcsec, self.rms2_arcsec],
@@ -185,12 +183,6 @@ def solve_blind(cat: Table, shape: tuple[int, int], pixscale: float, *, center: 
         cpulimit=cpulimit, index_dir=index_dir, x_col="XWIN_IMAGE", y_col="YWIN_IMAGE", **kwargs)
 
 
-def _wcs_of(header: fits.Header) -> WCS:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        return WCS(header)
-
-
 def solve(
     data: np.ndarray,
     header: fits.Header,
@@ -260,7 +252,7 @@ def _scamp_from_pointing(cat: Table, header: fits.Header, first: fits.Header, re
         wcs_head, stats, meta = solve_scamp(cat, header, first, reference, shape, band=band,
                                             position_maxerr_arcmin=position_maxerr_arcmin, options=scamp_options)
         prov.update(meta)
-        q = quality(cat, _wcs_of(wcs_head), reference)
+        q = quality(cat, wcs_of(wcs_head), reference)
         if _acceptable(q, min_match, max_offset_arcsec):
             return Solution(wcs_head, "SCAMP", int(stats["nmatch"]) or q["nmatch"],
                             stats["rms1_arcsec"], stats["rms2_arcsec"], q["median_offset_arcsec"], n_det, notes,
@@ -283,7 +275,7 @@ def _refine_blind(cat: Table, header: fits.Header, wcs_head: fits.Header, refere
         first = _linear_part(wcs_head)
         refined, stats, meta = solve_scamp(cat, header, first, reference, shape, band=band,
                                            position_maxerr_arcmin=1.0, options=scamp_options)
-        q = quality(cat, _wcs_of(refined), reference)
+        q = quality(cat, wcs_of(refined), reference)
         if _acceptable(q, min_match, max_offset_arcsec):
             prov.update(meta)
             return Solution(refined, "ASTROMETRY.NET+SCAMP", int(stats["nmatch"]) or q["nmatch"],
@@ -292,7 +284,7 @@ def _refine_blind(cat: Table, header: fits.Header, wcs_head: fits.Header, refere
         notes.append(f"SCAMP refinement rejected: {q['nmatch']} matches")
     except (ToolError, AstrometryError) as exc:
         notes.append(f"SCAMP refinement failed: {exc.reason}")
-    q = quality(cat, _wcs_of(wcs_head), reference)
+    q = quality(cat, wcs_of(wcs_head), reference)
     if q["nmatch"] >= min_match:
         return Solution(wcs_head, "ASTROMETRY.NET", q["nmatch"], q["rms1_arcsec"], q["rms2_arcsec"],
                         q["median_offset_arcsec"], n_det, notes, prov)
@@ -301,7 +293,7 @@ def _refine_blind(cat: Table, header: fits.Header, wcs_head: fits.Header, refere
 
 def _linear_part(wcs_head: fits.Header) -> fits.Header:
     """The TAN part of a TAN-SIP solution, as a first guess for SCAMP."""
-    w = _wcs_of(wcs_head).deepcopy()
+    w = wcs_of(wcs_head).deepcopy()
     w.sip = None
     w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
     return w.to_header()

@@ -20,7 +20,6 @@ and the catalogue written are :mod:`phot_products`.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import astropy.units as u
@@ -29,12 +28,13 @@ from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.stats import sigma_clip, sigma_clipped_stats
 from astropy.table import Table
-from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs import WCS
 
 from ..errors import BadInputError
 from ..tools import astromatic
 from . import phot_products as products
 from . import plots
+from .wcsutil import wcs_of
 from . import transforms
 from .astrometry import weight_and_flag
 from .growth import GrowthCurve, growth_curve, growth_diameters
@@ -274,9 +274,7 @@ def photometry(
 
 
 def _celestial_wcs(header: fits.Header) -> WCS:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        wcs = WCS(header)
+    wcs = wcs_of(header)
     if not wcs.has_celestial:
         raise PhotometryError("frame has no WCS: run astrometry first")
     return wcs

@@ -44,6 +44,7 @@ from ..report import read_header
 from ..science import completeness as cm
 from ..science.detect import detect_candidates
 from ..science.subtract_native import DEFAULTS as NATIVE_DEFAULTS
+from ..science.wcsutil import wcs_of
 from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
 from .detect import candidate_aperture
 from .stack import stem, zero_point
@@ -75,9 +76,7 @@ def window(shape: tuple[int, int], size: int) -> tuple[int, int, int, int]:
 
 def window_header(header: fits.Header, box) -> fits.Header:
     """The WCS of the window ``box`` of an image with ``header``'s WCS."""
-    from astropy.wcs import WCS
-
-    h = WCS(header).to_header(relax=True)
+    h = wcs_of(header).to_header(relax=True)
     h["CRPIX1"] = float(h["CRPIX1"]) - box[2]
     h["CRPIX2"] = float(h["CRPIX2"]) - box[0]
     return h

@@ -33,7 +33,6 @@ import math
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
-from astropy.wcs import WCS
 
 from .. import config, log, storage
 from ..config import settings
@@ -41,6 +40,7 @@ from ..errors import BadInputError
 from ..science.astrometry import observation_time
 from ..science.detect import APER_FWHM, FLAG_BITS, candidate_score, detect_candidates, growth_correction, growth_radii
 from ..science.stamps import candidate_stamps, region_text
+from ..science.wcsutil import wcs_of
 from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
 from .forced import light_curves
 from .photometry import product_keys as phot_keys
@@ -228,7 +228,7 @@ def run(ctx: Night, stack: str) -> dict:
             "new": ctx.url(entry["output"]), "ref": ctx.url(keys["ref"])}
     with _images(urls) as img:
         header, stack_header = img["diff"][1].copy(), img["new"][1].copy()
-        wcs = WCS(header)
+        wcs = wcs_of(header)
         zp = float(header.get("ZP", 0.0))
         pixscale = config.instrument(ctx.unit).pixscale
         fwhm = float(header.get("FWHM") or 0) or float(stack_header.get("SEEINGIN", 2.5)) / pixscale
@@ -356,7 +356,7 @@ def _frame_centroids(hdul, idx, ra, dec, ref, zp_ref, wcs, fwhm, pixscale, fst, 
         return None
     scale = 10 ** (0.4 * (zp - zp_ref)) if zp_ref is not None else 1.0
     seeing, ref_seeing = (fst._seeing_px(h, pixscale) for h in (header, ref[1]))
-    fw = fst._wcs(header)
+    fw = wcs_of(header)
     px, py = fw.world_to_pixel_values(ra, dec)
     out = np.full((3, len(ra)), np.nan)
     for k, (x, y) in enumerate(zip(np.atleast_1d(px), np.atleast_1d(py))):

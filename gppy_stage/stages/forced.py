@@ -18,17 +18,16 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import warnings
 
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
-from astropy.wcs import WCS, FITSFixedWarning
 
 from .. import config, log, storage
 from ..config import settings
 from ..errors import BadInputError
 from ..fitsio import image_hdu_index
+from ..science.wcsutil import wcs_of
 from ..science import forced
 from ..science.astrometry import observation_time
 from ..science.detect import APER_FWHM, aperture_noise_factor, growth_correction, growth_radii
@@ -45,12 +44,6 @@ FORCED_HALF = 128     # px: half the side of a cut-out
 # engine is tried on a box this many times wider, where a sparse field has its stamp stars.
 KERNEL_WIDEN = 4
 REF_MARGIN = 16       # px of reference beyond the cut-out's footprint, for SWarp's interpolation kernel
-
-
-def _wcs(header) -> WCS:
-    with warnings.catch_warnings():  # astropy saying it read MJD-OBS from DATE-OBS: nothing to act on
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        return WCS(header)
 
 
 @contextlib.contextmanager
@@ -78,9 +71,9 @@ def _reference_cut(ref_data, ref_header, grid_header, shape, scale):
     """The reference on a cut-out's grid: cut around the cut-out's footprint first, so SWarp and
     the reference's variance see a few hundred pixels, not the whole reference."""
     ny, nx = shape
-    corners = _wcs(grid_header).pixel_to_world_values(np.array([0, nx - 1, 0, nx - 1, nx / 2]),
+    corners = wcs_of(grid_header).pixel_to_world_values(np.array([0, nx - 1, 0, nx - 1, nx / 2]),
                                                      np.array([0, 0, ny - 1, ny - 1, ny / 2]))
-    rx, ry = _wcs(ref_header).world_to_pixel_values(*corners)
+    rx, ry = wcs_of(ref_header).world_to_pixel_values(*corners)
     rny, rnx = ref_data.shape
     y0, y1 = max(0, int(np.floor(ry.min())) - REF_MARGIN), min(rny, int(np.ceil(ry.max())) + REF_MARGIN + 1)
     x0, x1 = max(0, int(np.floor(rx.min())) - REF_MARGIN), min(rnx, int(np.ceil(rx.max())) + REF_MARGIN + 1)
@@ -148,7 +141,7 @@ def _frame_rows(hdul, idx, name, cands, ref, filt, pixscale, half) -> tuple[dict
     when = observation_time(header)
     mjd = float(when.mjd) + float(header.get("EXPTIME", 0.0)) / 2 / 86400 if when is not None else math.nan
     seeing, ref_seeing = (_seeing_px(h, pixscale) for h in (header, ref[1]))
-    xs, ys = _wcs(header).world_to_pixel_values(np.asarray(cands["ra"], float), np.asarray(cands["dec"], float))
+    xs, ys = wcs_of(header).world_to_pixel_values(np.asarray(cands["ra"], float), np.asarray(cands["dec"], float))
     rows, notes = {}, []
     for cid, x, y in zip(np.asarray(cands["id"], int), np.atleast_1d(xs), np.atleast_1d(ys)):
         box = forced.cutout_box(hdul[idx].data.shape, float(x), float(y), half)

@@ -34,6 +34,7 @@ from ..fitsio import put_hdul, read_hdul
 from ..headers import plausible_gain
 from ..science.photometry import NMAD
 from ..science.subtract import subtract as subtract_images
+from ..science.wcsutil import wcs_of
 from ..tools import swarp as sw
 from ..xp import device_name, get_xp
 from .base import Night, Timer, input_hash, is_done, read_sidecar, stamp_provenance, write_sidecar
@@ -258,10 +259,8 @@ def difference_zero_point(zp_new: float | None, zp_ref: float | None, scale: flo
 def difference_header(pair: Pair, stack_key: str, ref_key: str, *, zp_diff: float | None,
                       fwhm: float | None) -> fits.Header:
     """The difference's header: the stack's WCS and identity, the reference and zero points."""
-    from astropy.wcs import WCS
-
     header = pair.header
-    h = WCS(header).to_header(relax=True)
+    h = wcs_of(header).to_header(relax=True)
     for key in ("OBJECT", "FILTER", "TELESCOP", "DATE-OBS", "MJD", "EXPTIME", "NCOMBINE"):
         if key in header:
             h[key] = (header[key], header.comments[key])

@@ -20,6 +20,7 @@ from astropy.io import fits
 
 from ..errors import ToolError
 from ..fitsio import clean_header
+from ..science.wcsutil import wcs_of
 from . import astromatic
 
 CONFIG = "swarp.conf"
@@ -44,13 +45,11 @@ class SwarpResult:
 
 def template_text(header: fits.Header, shape: tuple[int, int]) -> str:
     """An output-grid header (``coadd.head``): the WCS cards of ``header`` and the size ``shape``."""
-    from astropy.wcs import WCS
-
     h = fits.Header()
     h["NAXIS"] = 2
     h["NAXIS1"] = int(shape[1])
     h["NAXIS2"] = int(shape[0])
-    wcs_cards = WCS(header).to_header(relax=True)
+    wcs_cards = wcs_of(header).to_header(relax=True)
     # PV distortion cards of a TPV solution are not always kept by astropy; copy them as they are
     for card in header.cards:
         if card.keyword.startswith(("PV1_", "PV2_")):
