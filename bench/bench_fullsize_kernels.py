@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import sys
 import time
 
@@ -30,8 +30,8 @@ GAIN, RDNOISE, SATURATION = 0.78, 3.5, 65535.0
 CR = dict(sigclip=4.5, sigfrac=0.3, objlim=5.0, niter=4)
 
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # peak.py beside it, however this is loaded
+from peak import peak_rss_mb as _peak_mb  # noqa: E402
 
 
 def raw_frame(shape, seed: int = 0):

@@ -29,9 +29,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # peak.py beside it, however this is loaded
 
 from gppy_stage.science.subtract import subtract  # noqa: E402
 from gppy_stage.sim.pairs import make_pair  # noqa: E402
+from peak import peak_rss_mb  # noqa: E402
 
 # the HOTPANTS 5.1.11 build the project keeps beside the repository (no package provides one)
 SHARED_HOTPANTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "tools", "hotpants")
@@ -89,16 +91,6 @@ def source_free(truth, shape, radius=15):
         sy, sx = slice(max(y0, 0), min(y + radius + 1, shape[0])), slice(max(x0, 0), min(x + radius + 1, shape[1]))
         free[sy, sx] &= ~disk[sy.start - y0:sy.stop - y0, sx.start - x0:sx.stop - x0]
     return free
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux keeps that across execve, and
-    Python starts children with vfork, so a child's ru_maxrss would be its parent's peak."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def child(engine: str, folder: str) -> dict:
