@@ -151,4 +151,3 @@ def read_hdul(url: str) -> fits.HDUList:
         return hdul
     except (OSError, ValueError, TypeError, IndexError) as exc:
         raise BadInputError(f"cannot read FITS ({type(exc).__name__}: {exc})", path=url) from None
-
