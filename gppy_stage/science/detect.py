@@ -5,8 +5,9 @@ an S/N threshold (a matched-filter S/N map, thresholded by sep), measures them, 
 gppy-gpu flags: near the edge or a masked pixel, dipole (a misalignment or PSF-mismatch
 residual), elongated, FWHM far from the PSF's, negative, on a reference-catalogue star, moving
 between the frames of the stack. Each flag is a boolean column and a bit of ``flags``
-(``FLAG_BITS``); ``score`` in 0-1 folds S/N and flags into one number to sort by. It is a
-transparent heuristic, not a trained real-bogus classifier.
+(``FLAG_BITS``), its rule one function of ``candidate_flags`` (measured by ``candidate_measure``,
+tracked by ``candidate_motion``); ``score`` in 0-1 folds S/N and flags into one number to sort
+by. It is a transparent heuristic, not a trained real-bogus classifier.
 
 Pixel positions are 0-based (NumPy/sep); DS9 regions (``stamps.region_text``) add 1.
 Magnitudes are ``zp - 2.5 log10(|flux|)`` with the flux in the difference's units, so the
@@ -17,16 +18,16 @@ zero point calibrates, with little of a host galaxy's residual in it.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import mmap
-import sys
 
 import numpy as np
 from astropy.table import Table
 
+from gppy_stage.science import candidate_flags as flags
+from gppy_stage.science import candidate_motion as motion
+from gppy_stage.science.candidate_measure import extract, half_light_fwhm, positions, psf_flux
 from gppy_stage.science.kernel import SIGMA_PER_FWHM
-from gppy_stage.xp import to_numpy
+from gppy_stage.science.mapped_copy import copy_released
 
 FLAG_BITS = {
     "near_edge": 1,
@@ -39,16 +40,8 @@ FLAG_BITS = {
     "moving": 128,
 }
 # How much each flag lowers the score; a dipole or a negative is almost never a new transient
-PENALTY = {
-    "near_edge": 0.3,
-    "near_mask": 0.5,
-    "dipole": 0.15,
-    "elongated": 0.5,
-    "bad_fwhm": 0.4,
-    "negative": 0.1,
-    "ref_star": 0.6,
-    "moving": 0.3,
-}
+PENALTY = {"near_edge": 0.3, "near_mask": 0.5, "dipole": 0.15, "elongated": 0.5, "bad_fwhm": 0.4, "negative": 0.1,
+           "ref_star": 0.6, "moving": 0.3}
 # Aperture radius of candidate fluxes, in FWHM: small enough that a host galaxy's residuals and
 # the sky's noise stay out (a 2.5-FWHM aperture held 2.8 times the noise), large enough that an
 # aperture correction measured on stars holds for a centroid off by a few tenths of a pixel.
@@ -120,18 +113,13 @@ def snr_map(d, n, bad, fwhm: float, *, strip_rows: int = 512, workers: int | Non
     return snr, good
 
 
-def matched_noise_factor(diff, noise, mask, fwhm: float) -> float:
-    """Measured / nominal scatter of the matched-filter S/N map.
+def _noise_factor(snr, good, max_samples: int = 4_000_000) -> float:
+    """Measured / nominal scatter of the matched-filter S/N map ``snr`` where ``good``.
 
     A difference image's noise is correlated (one input was convolved), so a matched filter
     built for white noise underestimates its own noise; this robust (MAD) ratio, 1 for white
     noise, rescales the threshold and the S/N so that "5 sigma" means 5 sigma.
     """
-    snr, good = snr_map(*_prepared(diff, noise, mask), fwhm)
-    return _noise_factor(snr, good)
-
-
-def _noise_factor(snr, good, max_samples: int = 4_000_000) -> float:
     step = max(1, int(good.size // max_samples))
     f = snr.reshape(-1)[::step][good.reshape(-1)[::step]]  # a regular subsample pins a MAD down as well
     if f.size < 1000:
@@ -143,11 +131,11 @@ def _noise_factor(snr, good, max_samples: int = 4_000_000) -> float:
 def _prepared(diff, noise, mask):
     """float32 (data with 0 where bad, noise with 0 where bad, bad): one copy of each, so a
     caller's arrays are never written to. The noise is finite everywhere, as sep needs it for an
-    error. Memory-mapped inputs are read once here, strip by strip, and let go of (see
-    ``_copy_released``), so a caller need not hold them in memory."""
-    d = _copy_released(diff, np.float32)
-    n = _copy_released(noise, np.float32)
-    bad = np.zeros(d.shape, bool) if mask is None else _copy_released(mask, bool)
+    error. Memory-mapped inputs are read once here, strip by strip, and let go of
+    (``mapped_copy.copy_released``), so a caller need not hold them in memory."""
+    d = copy_released(diff, np.float32)
+    n = copy_released(noise, np.float32)
+    bad = np.zeros(d.shape, bool) if mask is None else copy_released(mask, bool)
     with np.errstate(invalid="ignore"):
         bad |= ~np.isfinite(d)
         bad |= ~(n > 0)
@@ -157,60 +145,6 @@ def _prepared(diff, noise, mask):
     return d, n, bad
 
 
-def _copy_released(a, dtype, rows: int = 512) -> np.ndarray:
-    """``a`` as a new ``dtype`` array. When ``a`` lies in a memory-mapped file (a FITS image
-    opened with ``memmap=True``), each strip's pages are let go once copied: they would otherwise
-    stay in the process's resident set beside the copy until the file is closed (a full-size
-    difference, noise and mask: 0.6 GiB). Only a strip whose pages all still hold the file's own
-    bytes is let go (re-read from the file if touched again); a strip written to in memory (a
-    copy-on-write page) is kept as it is."""
-    a = to_numpy(a)
-    out = np.empty(a.shape, dtype)
-    mm = _mapped_file(a)
-    if mm is None or a.ndim < 1:
-        out[...] = a
-        return out
-    base = np.frombuffer(mm, np.uint8, count=1).__array_interface__["data"][0]
-    try:
-        pagemap = open("/proc/self/pagemap", "rb", buffering=0)
-    except OSError:  # no way to tell a changed page: nothing is let go
-        pagemap = None
-    with pagemap or contextlib.nullcontext():
-        for y0 in range(0, a.shape[0], rows):
-            part = a[y0:y0 + rows]
-            out[y0:y0 + rows] = part
-            addr = part.__array_interface__["data"][0]
-            first, last = addr // _PAGE, (addr + part.nbytes - 1) // _PAGE
-            if pagemap is not None and _file_pages_only(pagemap, first, last):
-                with contextlib.suppress(OSError, ValueError):  # advice only: refused, it costs memory, not data
-                    mm.madvise(mmap.MADV_DONTNEED, first * _PAGE - base, (last - first + 1) * _PAGE)
-    return out
-
-
-_PAGE = mmap.PAGESIZE
-
-
-def _file_pages_only(pagemap, first: int, last: int) -> bool:
-    """Whether every resident page from ``first`` to ``last`` (page numbers in this process) is
-    the file's page (Linux pagemap bit 61) rather than a private copy made by a write (or swapped)."""
-    pagemap.seek(first * 8)
-    raw = pagemap.read((last - first + 1) * 8)
-    if len(raw) != (last - first + 1) * 8:
-        return False
-    e = np.frombuffer(raw, np.uint64)
-    present, swapped, file = (e >> np.uint64(63)) & 1, (e >> np.uint64(62)) & 1, (e >> np.uint64(61)) & 1
-    return not np.any(swapped == 1) and not np.any((present == 1) & (file == 0))
-
-
-def _mapped_file(a):
-    """The ``mmap.mmap`` a NumPy array's memory belongs to, or None."""
-    while a is not None and not isinstance(a, mmap.mmap):
-        a = getattr(a, "base", None)
-    if a is None or not sys.platform.startswith("linux") or not hasattr(a, "madvise") or a.closed:
-        return None
-    return a
-
-
 def box_any(mask, r: int):
     from scipy.ndimage import maximum_filter
 
@@ -218,78 +152,28 @@ def box_any(mask, r: int):
 
 
 def find_sources(diff, noise, mask=None, *, fwhm: float, threshold: float = 5.0, minarea: int = 3, sign: int = 1,
-                 noise_factor: float = 1.0):
+                 noise_factor: float | None = 1.0):
     """sep detections of ``sign * diff`` above ``threshold`` (matched-filter S/N): structured array.
 
-    ``noise_factor`` (see ``matched_noise_factor``) scales the noise. Positions are refined
-    with sep's windowed centroid (better than isophotal to ~0.1 px).
+    ``noise_factor`` (see ``_noise_factor``; measured when None) scales the noise.
+    Positions are refined with sep's windowed centroid (better than isophotal to ~0.1 px).
     """
     d, n, bad = _prepared(diff, noise, mask)
-    snr, _ = snr_map(d, n, bad, fwhm)
-    snr /= np.float32(noise_factor)
-    return _extract(d, snr, bad, fwhm=fwhm, threshold=threshold, minarea=minarea, sign=sign)
+    snr, _ = _scaled_snr(d, n, bad, fwhm, noise_factor)
+    return extract(d, snr, bad, fwhm=fwhm, threshold=threshold, minarea=minarea, sign=sign)
 
 
-def _extract(d, snr, bad, *, fwhm, threshold, minarea, sign):
-    """Sources where ``sign * snr`` stays above ``threshold`` on ``minarea`` pixels; shapes from
-    the S/N map (the PSF convolved once more), centroids refined on the data itself."""
-    import sep
-
-    # a difference image holds few sources: a bounded pixel stack, not one sized by the frame.
-    # sep allocates and touches the whole stack on every extract, so the setting is put back
-    # after: left at 5 M pixels it cost each 180-px cut-out of host association 0.2 GB of faults.
-    pixstack = sep.get_extract_pixstack()
-    sep.set_extract_pixstack(int(min(max(300000, snr.size // 4), 5_000_000)))
-    if sign < 0:  # the caller's own working copies: flipped in place and back, not copied
-        np.negative(d, out=d)
-        np.negative(snr, out=snr)
-    try:
-        objs = sep.extract(snr, threshold, mask=bad, minarea=minarea, filter_kernel=None, deblend_cont=0.005,
-                           clean=True)
-        if len(objs):
-            xw, yw, f = sep.winpos(d, objs["x"], objs["y"], fwhm * SIGMA_PER_FWHM, mask=bad)
-            ok = (f == 0) & np.isfinite(xw) & (np.hypot(xw - objs["x"], yw - objs["y"]) < fwhm)
-            objs["x"] = np.where(ok, xw, objs["x"])
-            objs["y"] = np.where(ok, yw, objs["y"])
-    finally:
-        sep.set_extract_pixstack(pixstack)
-        if sign < 0:
-            np.negative(d, out=d)
-            np.negative(snr, out=snr)
-    return objs
-
-
-def _psf_flux(data, err, bad, x, y, fwhm):
-    """Optimal (PSF-weighted, Gaussian PSF) flux and error at each position."""
-    h = int(math.ceil(2 * fwhm))
-    ny, nx = data.shape
-    s2 = (fwhm * SIGMA_PER_FWHM) ** 2
-    out = np.full((len(x), 2), np.nan)
-    for i, (xi, yi) in enumerate(zip(x, y)):
-        cx, cy = int(round(xi)), int(round(yi))
-        y0, y1, x0, x1 = max(cy - h, 0), min(cy + h + 1, ny), max(cx - h, 0), min(cx + h + 1, nx)
-        yy, xx = np.mgrid[y0:y1, x0:x1]
-        p = np.exp(-((xx - xi) ** 2 + (yy - yi) ** 2) / (2 * s2)) / (2 * np.pi * s2)
-        good = ~bad[y0:y1, x0:x1]
-        w = np.where(good, 1.0 / np.where(good, err[y0:y1, x0:x1], 1.0).astype(float) ** 2, 0.0)
-        den = (p * p * w).sum()
-        if den > 0:
-            out[i] = (p * data[y0:y1, x0:x1] * w).sum() / den, 1.0 / math.sqrt(den)
-    return out[:, 0], out[:, 1]
-
-
-def _positions(cat, wcs):
-    """(x, y) pixel arrays from a table/structured array with x,y or ra,dec (+ wcs)."""
-    names = cat.colnames if hasattr(cat, "colnames") else cat.dtype.names
-    if "x" in names:
-        return np.asarray(cat["x"], float), np.asarray(cat["y"], float)
-    if "ra" in names and wcs is not None:
-        x, y = wcs.world_to_pixel_values(np.asarray(cat["ra"], float), np.asarray(cat["dec"], float))
-        return np.asarray(x, float), np.asarray(y, float)
-    raise ValueError("a catalogue needs x,y columns, or ra,dec columns and a WCS")
+def _scaled_snr(d, n, bad, fwhm: float, noise_factor: float | None):
+    """(S/N map divided by the noise factor, that factor): ``noise_factor``, or measured on the map when None."""
+    snr, good = snr_map(d, n, bad, fwhm)
+    c = _noise_factor(snr, good) if noise_factor is None else float(noise_factor)
+    del good
+    snr /= np.float32(c)
+    return snr, c
 
 
 def _nearest(xa, ya, xb, yb, radius):
+    """(distance, index in b) of the nearest b closer than ``radius`` to each a; inf and -1 where none."""
     from scipy.spatial import cKDTree
 
     if len(xb) == 0 or len(xa) == 0:
@@ -298,36 +182,14 @@ def _nearest(xa, ya, xb, yb, radius):
     return d, np.where(np.isfinite(d), j, -1)
 
 
-def detect_candidates(
-    diff,
-    noise,
-    mask=None,
-    *,
-    fwhm: float,
-    wcs=None,
-    zp: float = 0.0,
-    threshold: float = 5.0,
-    minarea: int = 3,
-    ref_catalog=None,
-    frame_detections=None,
-    frame_diffs=None,
-    aper_radius: float | None = None,
-    aper_corr: float = 1.0,
-    ref_match_arcsec: float = 1.0,
-    pixel_scale: float | None = None,
-    edge_radius: float | None = None,
-    dipole_radius: float | None = None,
-    dipole_frac: float = 0.35,
-    elong_max: float = 2.0,
-    fwhm_range: tuple[float, float] = (0.5, 2.0),
-    move_radius: float | None = None,
-    move_tol: float | None = None,
-    noise_factor: float | None = None,
-    frame_times=None,
-    frame_groups=None,
-    span=None,
-    max_rate_arcsec_h: float = 400.0,
-) -> Table:
+def detect_candidates(diff, noise, mask=None, *, fwhm: float, wcs=None, zp: float = 0.0, threshold: float = 5.0,
+                      minarea: int = 3, ref_catalog=None, frame_detections=None, frame_diffs=None,
+                      aper_radius: float | None = None, aper_corr: float = 1.0, ref_match_arcsec: float = 1.0,
+                      pixel_scale: float | None = None, edge_radius: float | None = None,
+                      dipole_radius: float | None = None, dipole_frac: float = 0.35, elong_max: float = 2.0,
+                      fwhm_range: tuple[float, float] = (0.5, 2.0), move_radius: float | None = None,
+                      move_tol: float | None = None, noise_factor: float | None = None, frame_times=None,
+                      frame_groups=None, span=None, max_rate_arcsec_h: float = 400.0) -> Table:
     """Candidates on a difference image (see module docstring). Radii are px unless named.
 
     ``fwhm``: PSF FWHM of the difference (the broader input's), px. ``aper_corr``: total /
@@ -343,163 +205,110 @@ def detect_candidates(
     shift by up to ``move_radius`` per step (NaN rate and angle).
     """
     dd, n, bad = _prepared(diff, noise, mask)
-    ny, nx = dd.shape
-    aper_radius = aper_radius or APER_FWHM * fwhm
-    edge_radius = edge_radius or 1.5 * fwhm
-    dipole_radius = dipole_radius or 2.0 * fwhm
-    move_radius = move_radius or 3.0 * fwhm
-    move_tol = move_tol or max(1.0, 0.3 * fwhm)
+    x, y, sign, a, b, c = _detections(dd, n, bad, fwhm=fwhm, threshold=threshold, minarea=minarea,
+                                      noise_factor=noise_factor)
+    t = Table({"id": np.arange(1, len(x) + 1), "x": x, "y": y})
+    if len(x) == 0:
+        return _finish(t, wcs, zp, threshold, c, empty=True)
     if pixel_scale is None and wcs is not None:
-        from astropy.wcs.utils import proj_plane_pixel_scales
+        pixel_scale = _pixel_scale(wcs)
+    edge_radius, dipole_radius = edge_radius or 1.5 * fwhm, dipole_radius or 2.0 * fwhm
+    negative = flags.negative(sign)
+    t["flux"], t["fluxerr"], t["snr"], t["fwhm"] = _measure(dd, n, bad, x, y, sign, fwhm=fwhm, noise_cor=c,
+                                                            radius=aper_radius or APER_FWHM * fwhm, corr=aper_corr)
+    t["elongation"] = flags.elongation(a, b)
+    t["near_edge"] = flags.near_edge(x, y, dd.shape, edge_radius)
+    t["near_mask"] = flags.near_mask(x, y, bad, edge_radius)
+    t["dipole"] = flags.dipole(x, y, sign, _opposite_distance(x, y, negative, dipole_radius), dd, n, bad,
+                               dipole_radius, dipole_frac)
+    t["elongated"] = flags.elongated(a, b, elong_max)
+    t["bad_fwhm"] = flags.bad_fwhm(t["fwhm"], fwhm, fwhm_range)
+    t["negative"] = negative
+    t["ref_star"] = flags.ref_star(*_star_distance(x, y, ref_catalog, wcs, pixel_scale, ref_match_arcsec))
+    frames = _frame_positions(frame_detections, frame_diffs, wcs, fwhm=fwhm, threshold=threshold, minarea=minarea)
+    timed = frame_times is not None and span is not None and wcs is not None and pixel_scale is not None
+    move_radius = move_radius or 3.0 * fwhm
+    t["n_frames"] = _frames_near(x, y, frames, move_radius)
+    track = motion.tracks(x, y, frames, fwhm, move_radius, move_tol or max(1.0, 0.3 * fwhm), groups=frame_groups,
+                          times=frame_times if timed else None, span=span if timed else None,
+                          vmax=max_rate_arcsec_h * 24.0 / pixel_scale if timed else None)  # px/day
+    t["moving"] = moving = flags.moving(track["moving"], sign)
+    nan = np.full(len(x), np.nan)
+    t["rate_arcsec_h"], t["pa_deg"] = motion.sky_rate(wcs, track, moving) if timed else (nan, nan)
+    return _finish(t, wcs, zp, threshold, c)
 
-        pixel_scale = float(np.mean(proj_plane_pixel_scales(wcs.celestial)) * 3600.0)
 
-    snr_img, good = snr_map(dd, n, bad, fwhm)
-    c = _noise_factor(snr_img, good) if noise_factor is None else float(noise_factor)
-    del good
-    snr_img /= np.float32(c)
-    opts = dict(fwhm=fwhm, threshold=threshold, minarea=minarea)
-    pos = _extract(dd, snr_img, bad, sign=1, **opts)
-    neg = _extract(dd, snr_img, bad, sign=-1, **opts)
-    del snr_img
-    x = np.r_[pos["x"], neg["x"]]
-    y = np.r_[pos["y"], neg["y"]]
-    negative = np.r_[np.zeros(len(pos), bool), np.ones(len(neg), bool)]
-    a = np.r_[pos["a"], neg["a"]]
-    b = np.r_[pos["b"], neg["b"]]
-    m = len(x)
-    t = Table()
-    t["id"] = np.arange(1, m + 1)
-    t["x"], t["y"] = x, y
-    if m == 0:
-        t = _finish(t, wcs, zp, threshold, empty=True)
-        t.meta["NOISECOR"] = c
-        return t
+def _detections(dd, n, bad, *, fwhm, threshold, minarea, noise_factor):
+    """(x, y, sign, a, b, noise factor): the sources above ``threshold`` on the S/N map, the
+    positive ones (sign 1) first, then the negative ones (-1); a, b: semi-axes on the S/N map."""
+    snr, c = _scaled_snr(dd, n, bad, fwhm, noise_factor)
+    pos = extract(dd, snr, bad, fwhm=fwhm, threshold=threshold, minarea=minarea, sign=1)
+    neg = extract(dd, snr, bad, fwhm=fwhm, threshold=threshold, minarea=minarea, sign=-1)
+    del snr  # a frame-sized map: gone before the measurements
+    sign = np.r_[np.ones(len(pos)), -np.ones(len(neg))]
+    return (np.r_[pos["x"], neg["x"]], np.r_[pos["y"], neg["y"]], sign, np.r_[pos["a"], neg["a"]],
+            np.r_[pos["b"], neg["b"]], c)
 
+
+def _measure(dd, n, bad, x, y, sign, *, fwhm, noise_cor, radius, corr):
+    """(flux, fluxerr, snr, fwhm) of each candidate: the aperture flux within ``radius`` times the
+    aperture correction ``corr``, its error scaled for the image's correlated noise; the S/N of
+    the PSF-weighted flux (sign-corrected, scaled by the S/N map's ``noise_cor``); the half-light FWHM."""
     import sep
 
-    sgn = np.where(negative, -1.0, 1.0)
     err0 = np.where(bad, np.float32(0), n)  # sep's per-pixel error; masked pixels are left out anyway
-    flux, fluxerr, _ = sep.sum_circle(dd, x, y, aper_radius, err=err0, mask=bad, subpix=5)
-    pflux, pferr = _psf_flux(dd, n, bad, x, y, fwhm)
-    snr = sgn * pflux / (pferr * c)
-    fluxerr = fluxerr * aperture_noise_factor(dd, err0, bad, aper_radius, x, y)
-    flux, fluxerr = flux * aper_corr, fluxerr * aper_corr
-    del err0
-    # half-light diameter of the sign-corrected source (FWHM for a Gaussian)
-    rh = np.full(m, np.nan)
-    if (~negative).any():
-        rh[~negative], _ = sep.flux_radius(dd, x[~negative], y[~negative], np.full((~negative).sum(), 2.0 * fwhm),
-                                           0.5, mask=bad, subpix=5)
-    if negative.any():
-        np.negative(dd, out=dd)  # in place: a second full-frame copy only for the few negatives
-        try:
-            rh[negative], _ = sep.flux_radius(dd, x[negative], y[negative], np.full(negative.sum(), 2.0 * fwhm),
-                                              0.5, mask=bad, subpix=5)
-        finally:
-            np.negative(dd, out=dd)
-    cand_fwhm = 2.0 * rh
+    flux, fluxerr, _ = sep.sum_circle(dd, x, y, radius, err=err0, mask=bad, subpix=5)
+    pflux, pferr = psf_flux(dd, n, bad, x, y, fwhm)
+    fluxerr = fluxerr * aperture_noise_factor(dd, err0, bad, radius, x, y)
+    del err0  # a frame-sized copy: gone before the half-light radii
+    cand_fwhm = half_light_fwhm(dd, bad, x, y, flags.negative(sign), fwhm)
+    return flux * corr, fluxerr * corr, sign * pflux / (pferr * noise_cor), cand_fwhm
 
-    # flags
-    near_edge = (x < edge_radius) | (y < edge_radius) | (x > nx - 1 - edge_radius) | (y > ny - 1 - edge_radius)
-    near_mask = np.zeros(m, bool)
-    r = int(math.ceil(edge_radius))
-    for i in range(m):
-        cx, cy = int(round(x[i])), int(round(y[i]))
-        yy, xx = np.mgrid[max(cy - r, 0):min(cy + r + 1, ny), max(cx - r, 0):min(cx + r + 1, nx)]
-        near_mask[i] = bad[yy, xx][(xx - x[i]) ** 2 + (yy - y[i]) ** 2 <= edge_radius**2].any()
-    # dipole: an opposite-sign detection close by, or a strong opposite-sign lobe in the
-    # aperture that stayed under the detection threshold
-    dipole = np.zeros(m, bool)
-    dist, _ = _nearest(x[~negative], y[~negative], x[negative], y[negative], dipole_radius)
-    dipole[~negative] = np.isfinite(dist)
-    dist, _ = _nearest(x[negative], y[negative], x[~negative], y[~negative], dipole_radius)
-    dipole[negative] = np.isfinite(dist)
-    rr = int(math.ceil(dipole_radius))
-    for i in range(m):
-        cx, cy = int(round(x[i])), int(round(y[i]))
-        sl = (slice(max(cy - rr, 0), min(cy + rr + 1, ny)), slice(max(cx - rr, 0), min(cx + rr + 1, nx)))
-        ds, good = dd[sl] * sgn[i], ~bad[sl]
-        zs = np.where(good, ds / np.where(good, n[sl], 1.0), 0.0)
-        same = ds[zs > 2.5]
-        opp = -ds[zs < -2.5]
-        if same.sum() > 0 and opp.sum() > dipole_frac * same.sum():
-            dipole[i] = True
-    elongated = (a / np.maximum(b, 1e-3)) > elong_max
-    bad_fwhm = ~np.isfinite(cand_fwhm) | (cand_fwhm < fwhm_range[0] * fwhm) | (cand_fwhm > fwhm_range[1] * fwhm)
 
-    ref_star = np.zeros(m, bool)
-    if ref_catalog is not None and len(ref_catalog):
-        rx, ry = _positions(ref_catalog, wcs)
-        if pixel_scale is None:
-            raise ValueError("matching the reference catalogue within arcsec needs a WCS or pixel_scale")
-        dist, _ = _nearest(x, y, rx, ry, ref_match_arcsec / pixel_scale)
-        ref_star = np.isfinite(dist)
+def _pixel_scale(wcs) -> float:
+    """Mean pixel scale of a celestial WCS, arcsec/px."""
+    from astropy.wcs.utils import proj_plane_pixel_scales
 
-    frames = []
+    return float(np.mean(proj_plane_pixel_scales(wcs.celestial)) * 3600.0)
+
+
+def _opposite_distance(x, y, negative, radius: float) -> np.ndarray:
+    """Distance from each candidate to the nearest of the other sign, px; inf from ``radius`` on."""
+    dist = np.full(len(x), np.inf)
+    dist[~negative], _ = _nearest(x[~negative], y[~negative], x[negative], y[negative], radius)
+    dist[negative], _ = _nearest(x[negative], y[negative], x[~negative], y[~negative], radius)
+    return dist
+
+
+def _star_distance(x, y, ref_catalog, wcs, pixel_scale, arcsec: float) -> tuple[np.ndarray, float]:
+    """(distance from each candidate to the nearest reference star, px, inf from the radius on;
+    the match radius of ``arcsec``, px)."""
+    if ref_catalog is None or not len(ref_catalog):
+        return np.full(len(x), np.inf), 0.0
+    rx, ry = positions(ref_catalog, wcs)
+    if pixel_scale is None:
+        raise ValueError("matching the reference catalogue within arcsec needs a WCS or pixel_scale")
+    return _nearest(x, y, rx, ry, arcsec / pixel_scale)[0], arcsec / pixel_scale
+
+
+def _frame_positions(frame_detections, frame_diffs, wcs, **find) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(x, y) of the sources of each single frame on the candidates' grid: from its detection
+    table, or found on its (diff, noise[, mask]) with ``find_sources``'s options ``find``."""
     if frame_detections is not None:
-        frames = [_positions(fc, wcs) for fc in frame_detections]
-    elif frame_diffs is not None:
-        for fd in frame_diffs:
-            fdiff, fnoise = fd[0], fd[1]
-            fmask = fd[2] if len(fd) > 2 else None
-            fc = matched_noise_factor(fdiff, fnoise, fmask, fwhm)
-            o = find_sources(fdiff, fnoise, fmask, fwhm=fwhm, threshold=threshold, minarea=minarea, sign=1,
-                             noise_factor=fc)
-            frames.append((np.asarray(o["x"]), np.asarray(o["y"])))
-    timed = frame_times is not None and span is not None and wcs is not None and pixel_scale is not None
-    n_frames, track = motion(x, y, frames, move_radius, move_tol, r0=max(move_tol, fwhm),
-                             track_tol=max(1.5, 0.5 * fwhm), fit_tol=max(1.0, 0.25 * fwhm), groups=frame_groups,
-                             times=frame_times if timed else None,
-                             span=span if timed else None,
-                             vmax=max_rate_arcsec_h * 24.0 / pixel_scale if timed else None)  # px/day
-    moving = track["moving"] & ~negative  # only positive sources are searched in single frames
-    rate = pa = np.full(m, np.nan)
-    if timed:
-        from gppy_stage.science.moving import rate_and_pa
-
-        rate, pa = rate_and_pa(wcs, track["x0"], track["y0"], track["vx"], track["vy"], per_hour=24.0)
-        rate, pa = np.where(moving, rate, np.nan), np.where(moving, pa, np.nan)
-
-    t["flux"], t["fluxerr"] = flux, fluxerr
-    t["snr"] = snr
-    t["fwhm"] = cand_fwhm
-    t["elongation"] = a / np.maximum(b, 1e-3)
-    t["n_frames"] = n_frames
-    t["rate_arcsec_h"], t["pa_deg"] = rate, pa
-    for name, val in (("near_edge", near_edge), ("near_mask", near_mask), ("dipole", dipole),
-                      ("elongated", elongated), ("bad_fwhm", bad_fwhm), ("negative", negative),
-                      ("ref_star", ref_star), ("moving", moving)):
-        t[name] = val
-    t = _finish(t, wcs, zp, threshold)
-    t.meta["NOISECOR"] = c
-    return t
+        return [positions(fc, wcs) for fc in frame_detections]
+    frames = []
+    for fd in frame_diffs or ():
+        o = find_sources(fd[0], fd[1], fd[2] if len(fd) > 2 else None, sign=1, noise_factor=None, **find)
+        frames.append((np.asarray(o["x"], float), np.asarray(o["y"], float)))
+    return frames
 
 
-def motion(x, y, frames, radius: float, tol: float, *, r0: float | None = None, track_tol: float | None = None,
-           fit_tol: float | None = None, groups=None, times=None, span=None,
-           vmax: float | None = None) -> tuple[np.ndarray, dict]:
-    """(frames with a source within ``radius`` of each candidate, the track of each:
-    ``science.moving.link_tracks``'s dict) from per-frame source positions on the candidates' grid.
-
-    Sources found at the same place (within ``tol``) in most frames are static (a star, a galaxy,
-    a transient that stays put) and cannot show motion: dropping them first is what lets
-    whole-frame catalogues serve, so a galaxy beside a transient, found in every frame, never pairs
-    with the transient found in only one. Without ``times`` frame k is at time k, the candidates'
-    span covers every frame and a mover shifts by at most ``radius`` per frame.
-    """
-    from gppy_stage.science.moving import link_tracks
-
-    m = len(x)
-    n_frames = np.zeros(m, int)
-    frames = [(np.asarray(fx, float), np.asarray(fy, float)) for fx, fy in frames]
+def _frames_near(x, y, frames, radius: float) -> np.ndarray:
+    """How many of the frames hold a source within ``radius`` of each candidate."""
+    n_frames = np.zeros(len(x), int)
     for fx, fy in frames:
         n_frames += np.isfinite(_nearest(x, y, fx, fy, radius)[0])
-    if times is None:
-        times, span, vmax = np.arange(len(frames), dtype=float), (0.0, max(len(frames) - 1.0, 0.0)), radius
-    track = link_tracks(x, y, span, frames, times, vmax=vmax, tol=track_tol or tol, r0=r0 or tol, static_tol=tol,
-                        fit_tol=fit_tol, groups=groups)
-    return n_frames, track
+    return n_frames
 
 
 APERTURE_KEYS = ("APER", "APER_1", "APER_2", "APER_3", "APER_4", "APER_5")
@@ -550,13 +359,11 @@ def aperture_noise_factor(data, noise, bad, radius, avoid_x, avoid_y, n_aperture
     return float(max(1.0, 1.4826 * np.median(np.abs(z - np.median(z)))))
 
 
-def _finish(t: Table, wcs, zp, threshold, empty=False) -> Table:
+def _finish(t: Table, wcs, zp, threshold, noise_cor: float, empty=False) -> Table:
     m = len(t)
     if empty:
-        for c in ("flux", "fluxerr", "snr", "fwhm", "elongation"):
-            t[c] = np.zeros(0)
-        t["n_frames"] = np.zeros(0, int)
-        t["rate_arcsec_h"], t["pa_deg"] = np.zeros(0), np.zeros(0)
+        for c in ("flux", "fluxerr", "snr", "fwhm", "elongation", "n_frames", "rate_arcsec_h", "pa_deg"):
+            t[c] = np.zeros(0, int if c == "n_frames" else float)
         for name in FLAG_BITS:
             t[name] = np.zeros(0, bool)
     if wcs is not None and m:
@@ -578,6 +385,7 @@ def _finish(t: Table, wcs, zp, threshold, empty=False) -> Table:
     t = t[order]
     t.meta["FLAGBITS"] = ",".join(f"{k}={v}" for k, v in FLAG_BITS.items())
     t.meta["ZP"] = zp
+    t.meta["NOISECOR"] = noise_cor
     return t
 
 
