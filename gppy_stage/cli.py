@@ -91,14 +91,14 @@ def plan_cmd(
     night: Optional[str] = typer.Option(None, "--night", help=NIGHT_HELP),
 ):
     """Plan a night (classify frames, group calibration sets and stacks) and print the plan's summary."""
-    from .runner import execute
+    from .runner import invoke
 
     try:
         night = _night_or_latest(root, obs, night, planning=True)
     except errors.GppyError as exc:
         _fail(exc)
-    record = execute("plan", root, obs, night)
-    typer.echo(json.dumps(record.get("result") or record.get("error"), indent=1))
+    record = invoke("plan", root, obs, night).to_dict()
+    typer.echo(json.dumps(record["result"] or record["error"], indent=1))
     raise typer.Exit(record["exit_code"])
 
 
@@ -107,7 +107,7 @@ def plan_cmd(
 
 def _stage_command(stage: graph.Stage):
     def command(**kwargs):
-        from .runner import execute
+        from .runner import invoke
 
         root, obs, night, force = kwargs.pop("root"), kwargs.pop("obs"), kwargs.pop("night"), kwargs.pop("force")
         item = kwargs.pop(stage.fanout, None) if stage.item_arg else None
@@ -119,10 +119,9 @@ def _stage_command(stage: graph.Stage):
         except errors.GppyError as exc:
             _fail(exc)
         extra = {k: v for k, v in kwargs.items() if v is not None}
-        record = execute(stage.name, root, obs, night, item, force, **extra)
-        typer.echo(json.dumps({k: record.get(k) for k in ("stage", "item", "status", "exit_code", "seconds",
-                                                          "result", "error")}, default=str))
-        raise typer.Exit(record["exit_code"])
+        record = invoke(stage.name, root, obs, night, item, force, **extra)
+        typer.echo(record.log_line())
+        raise typer.Exit(record.exit_code)
 
     P = inspect.Parameter
     params = [

@@ -1,9 +1,12 @@
-"""The night report: what a night made, how good it is and what went wrong, as JSON and Markdown.
+"""The night report, the one record of a night: what it made, how good it is, what ran, was
+skipped, quarantined or failed in each stage and how long each took, as JSON and Markdown.
 
 ``collect(root, unit, night)`` reads the plan, every stage's result record
 (``runs/<unit>/<night>/results/<stage>/<item>.json``, written by each stage invocation locally and
 on Argo) and the headers of the products; ``build(...)`` turns them into the report dict (pure);
-``markdown(report)`` renders it. The curate stage writes both under ``runs/<unit>/<night>/``.
+``markdown(report)`` renders it; ``save`` writes both under ``runs/<unit>/<night>/``. The curate
+stage writes it; the local runner brings its run part (``run_record.run_part``) up to date once the exit
+handler has run, as curate cannot see its own record or notify's.
 """
 
 from __future__ import annotations
@@ -15,11 +18,19 @@ from typing import Any
 from astropy.io import fits
 
 from . import __version__, storage
+from .run_record import run_part, this_run
 
 BLOCK = 2880
 REPORT_JSON = "night_report.json"
 REPORT_MD = "report.md"
 ZP_KEYS = ("ZP_APER_1", "ZP_AUTO", "ZP_APER", "ZP")  # 7DT reads the seeing-scaled aperture first
+
+
+def save(root: str, report: dict) -> None:
+    """The report as JSON and Markdown, under its night's run folder."""
+    run_prefix = f"runs/{report['unit']}/{report['night']}"
+    storage.put_bytes(storage.join(root, run_prefix, REPORT_JSON), json.dumps(report, indent=1, default=str).encode())
+    storage.put_bytes(storage.join(root, run_prefix, REPORT_MD), markdown(report).encode())
 
 
 def read_header(url: str) -> fits.Header | None:
@@ -75,6 +86,16 @@ def collect(root: str, unit: str, night: str) -> dict:
     """Everything the report needs, read from storage: plan, result records, product headers."""
     run_prefix = f"runs/{unit}/{night}"
     plan = json.loads(storage.get_bytes(storage.join(root, run_prefix, "plan.json")))
+    headers = {}
+    for f in plan["frames"]:
+        headers[f["output"]] = read_header(storage.join(root, f["output"]))
+    for s in plan["stacks"]:
+        headers[s["output"]] = read_header(storage.join(root, s["output"]))
+    return {"plan": plan, "records": _records(root, run_prefix), "headers": headers, "root": root}
+
+
+def _records(root: str, run_prefix: str) -> dict[str, dict[str, dict]]:
+    """This run's result records, {stage: {item: record}} (``run_record.this_run``)."""
     records: dict[str, dict[str, dict]] = {}
     for obj in storage.list_objects(storage.join(root, run_prefix, "results")):
         parts = obj.key.split("/")
@@ -84,25 +105,29 @@ def collect(root: str, unit: str, night: str) -> dict:
             records.setdefault(parts[0], {})[parts[1][:-5]] = json.loads(storage.get_bytes(obj.url))
         except ValueError:
             continue
-    headers = {}
-    for f in plan["frames"]:
-        headers[f["output"]] = read_header(storage.join(root, f["output"]))
-    for s in plan["stacks"]:
-        headers[s["output"]] = read_header(storage.join(root, s["output"]))
-    return {"plan": plan, "records": records, "headers": headers, "root": root}
+    return this_run(records)
 
 
-def _failure(record: dict) -> dict:
-    err = record.get("error") or {}
-    return {"stage": record.get("stage"), "item": record.get("item"), "status": record.get("status"),
-            "kind": err.get("kind"), "exit_code": record.get("exit_code"), "reason": err.get("reason"),
-            "file": err.get("file")}
+def finish(root: str, unit: str, night: str) -> dict:
+    """The night report once the night's exit handler has run, saved and returned: curate's, with
+    the run part brought up to date (curate could not see its own record or notify's), or, when
+    curate did not finish in this run, one built from what storage holds."""
+    run_prefix = f"runs/{unit}/{night}"
+    records = _records(root, run_prefix)
+    url = storage.join(root, run_prefix, REPORT_JSON)
+    if (records.get("curate", {}).get("night") or {}).get("status") == "done" and storage.exists(url):
+        rep = json.loads(storage.get_bytes(url))
+        rep |= run_part(json.loads(storage.get_bytes(storage.join(root, run_prefix, "plan.json"))), records)
+        rep["counts"]["failures"] = len(rep["failures"])
+    else:
+        rep = build(collect(root, unit, night))
+    save(root, rep)
+    return rep
 
 
 def build(data: dict, *, top_candidates: int = 10, products: list[str] | None = None) -> dict:
     """The report dict from ``collect``'s data (pure)."""
     plan, records, headers = data["plan"], data["records"], data["headers"]
-    failures = _failures(plan, records)
     frames = [_frame_row(f, records, headers) for f in plan["frames"]]
     stacks, candidates, flagged, movers = [], [], [], []
     for s in plan["stacks"]:
@@ -118,30 +143,22 @@ def build(data: dict, *, top_candidates: int = 10, products: list[str] | None = 
     done = [f for f in frames if f["status"] == "done"]
     depths = [f["depth"] for f in done if f["depth"] is not None]
     seeing = [f["seeing"] for f in done if f["seeing"] is not None]
+    run = run_part(plan, records)
     return {
         "schema": "gppy-stage/night-report/1", "unit": plan["unit"], "night": plan["night"], "root": data["root"],
         "pipeline_version": __version__,
         "counts": {"raw_frames": plan.get("raw_frames"), "science_planned": len(plan["frames"]),
-                   "science_done": len(done), "stacks_planned": len(plan["stacks"]),
+                   "science_done": len(done), "calsets": len(plan["calsets"]), "stacks_planned": len(plan["stacks"]),
                    "stacks_done": sum(1 for s in stacks if s["status"] in ("done", "skipped")),
-                   "failures": len(failures), "flagged": len(flagged),
+                   "failures": len(run["failures"]), "flagged": len(flagged),
                    "candidates": sum((s["detect"]["n_candidates"] or 0) for s in stacks),
                    "candidates_pass": sum((s["detect"]["n_pass"] or 0) for s in stacks)},
         "depth": {"frame_median": _median(depths), "stack_best": max((s["depth"] for s in stacks if s["depth"]), default=None)},
         "seeing_median": _median(seeing),
-        "frames": frames, "stacks": stacks, "failures": failures, "flagged": flagged,
-        "candidates": candidates[:top_candidates], "moving": link_movers(movers), "warnings": plan.get("warnings", []),
-        "timing": _timing(records), "products": products or [],
+        "frames": frames, "stacks": stacks, "flagged": flagged, "candidates": candidates[:top_candidates],
+        "moving": link_movers(movers), "warnings": plan.get("warnings", []), "skipped": plan.get("skipped", []),
+        "products": products or [], "report_md": f"runs/{plan['unit']}/{plan['night']}/{REPORT_MD}", **run,
     }
-
-
-def _failures(plan: dict, records: dict) -> list[dict]:
-    failures = [dict(q, status="quarantined") for q in plan.get("quarantine", [])]
-    for stage, items in sorted(records.items()):
-        for item, rec in sorted(items.items()):
-            if rec.get("status") in ("quarantined", "failed"):
-                failures.append(_failure(rec))
-    return failures
 
 
 def _frame_row(f: dict, records: dict, headers: dict) -> dict:
@@ -184,14 +201,6 @@ def _stack_entry(s: dict, records: dict, h) -> tuple[dict, dict]:
                        "n_candidates": det_res.get("n_candidates"), "n_pass": det_res.get("n_pass"),
                        "candidates": det_res.get("output")}
     return entry, det_res
-
-
-def _timing(records: dict) -> dict[str, dict]:
-    timing: dict[str, dict] = {}
-    for stage, items in records.items():
-        secs = [r.get("seconds", 0.0) or 0.0 for r in items.values()]
-        timing[stage] = {"count": len(secs), "total_s": round(sum(secs), 2), "max_s": round(max(secs), 2) if secs else 0}
-    return timing
 
 
 # Two moving detections are one object when their rates agree within this fraction (plus the

@@ -241,8 +241,8 @@ def make_manifest_night(root: Path) -> Path:
     simulate_night(root, unit=n["unit"], night=n["night"], filters=tuple(n["filters"]), size=n["size"],
                    seed=n["seed"], n_science=n["n_science"])
     report = run_night(str(root), n["unit"], f"{n['night']}_gain2750", workers=1, progress=False)
-    if report["failed"] or report["quarantined"]:
-        raise RuntimeError(f"the manifest night did not run cleanly: {report['failed'] or report['quarantined']}")
+    if report["failures"]:
+        raise RuntimeError(f"the manifest night did not run cleanly: {report['failures']}")
     return root
 
 

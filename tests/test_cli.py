@@ -13,6 +13,7 @@ import typer
 from gppy_stage import graph
 from gppy_stage.cli import app
 from gppy_stage.sim import simulate_night
+from gppy_stage.stages.base import StageResult
 
 
 def _gppy(*args, timeout=600):
@@ -25,6 +26,15 @@ def _commands(group: click.Group, prefix=()):
         yield prefix + (name,), cmd
         if isinstance(cmd, click.Group):
             yield from _commands(cmd, prefix + (name,))
+
+
+def _printed_is_saved(proc, root, stage: str, item: str) -> dict:
+    """The JSON line a stage command printed, checked against the record it saved (what Argo's log
+    and the night report each read)."""
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    saved = root / "runs" / "7DT01" / "2025-01-01_gain2750" / "results" / stage / f"{item}.json"
+    assert printed == json.loads(StageResult.from_dict(json.loads(saved.read_text())).log_line())
+    return printed
 
 
 def test_every_command_has_help_text():
@@ -65,10 +75,10 @@ def test_stage_commands_as_argo_calls_them(small_root, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     proc = _gppy("stage", "reduce", *night, "--frame", frames[0])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _printed_is_saved(proc, small_root, "reduce", frames[0])
     assert result["status"] == "done" and (small_root / result["result"]["output"]).is_file()
-    again = json.loads(_gppy("stage", "reduce", *night, "--frame", frames[0]).stdout.strip().splitlines()[-1])
-    assert again["status"] == "skipped"
+    again = _printed_is_saved(_gppy("stage", "reduce", *night, "--frame", frames[0]), small_root, "reduce", frames[0])
+    assert again["status"] == "skipped" and again["error"] is None
 
 
 def test_exit_codes_say_what_went_wrong(small_root, tmp_path):
@@ -78,9 +88,12 @@ def test_exit_codes_say_what_went_wrong(small_root, tmp_path):
         assert _gppy("stage", "plan", *night).returncode == 0
         proc = _gppy("stage", "reduce", *night, "--frame", "no-such-frame")
     assert proc.returncode == 65 and "no-such-frame" in proc.stdout
+    assert _printed_is_saved(proc, small_root, "reduce", "no-such-frame")["status"] == "quarantined"
     proc = _gppy("stage", "reduce", "--root", str(tmp_path), "--obs", "7DT01", "--night", "2025-01-01_gain2750",
                  "--frame", "x")
     assert proc.returncode == 78 and "gppy stage plan" in proc.stdout
+    failed = _printed_is_saved(proc, tmp_path, "reduce", "x")
+    assert failed["status"] == "failed" and failed["result"] is None and failed["error"]["kind"] == "config"
     proc = _gppy("night", "run", "--root", str(tmp_path), "--obs", "7DT99")
     assert proc.returncode == 78 and "7DT99" in proc.stderr and "Traceback" not in proc.stderr
 

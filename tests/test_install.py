@@ -120,12 +120,12 @@ def test_plain_install_runs_a_night_with_references(plain_venv, tmp_path):
     assert list((root / "ref_frame" / "m425").glob("ref_*.fits")), "the simulated night has no reference frame"
     run = _run([gppy, "night", "run", "--root", root, "--obs", "7DT01", "--night", NIGHT, "--workers", "2"],
                env=env, cwd=tmp_path, timeout=600, check=False)
-    report_path = root / "runs" / "7DT01" / NIGHT / "report.json"
+    report_path = root / "runs" / "7DT01" / NIGHT / "night_report.json"
     assert report_path.is_file(), f"no night report\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     report = json.loads(report_path.read_text())
     # a missing runtime package shows as a failed stage (exit 70), so name the failures first
-    failed = [f"{f['stage']} {f['item']}: {f['reason']}" for f in report["failed"]]
-    assert failed == [] and report["quarantined"] == [], "\n".join(failed) or report["quarantined"]
+    failed = [f"{f['stage']} {f.get('item') or f.get('file')}: {f['reason']}" for f in report["failures"]]
+    assert failed == [], "\n".join(failed)
     assert run.returncode == 0, run.stderr[-3000:]
     statuses = {}
     for rec in report["records"]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from gppy_stage import storage
+from gppy_stage import graph, storage
 from gppy_stage.runner import run_night
 from gppy_stage.science.reduce import COSMIC_RAY
 from gppy_stage.sim import simulate_night
@@ -47,12 +47,17 @@ def _truth(root: Path, night: str = NIGHT) -> Path:
 
 def test_night_completes_and_raw_is_untouched(night):
     root, report, before = night
-    assert report["frames_out"] == report["science_frames_planned"] == 2
-    assert report["frames_in"] == 9 + 9 + 5 + 2
-    assert report["quarantined"] == [] and report["failed"] == []
-    assert set(report["timing"]) >= {"plan", "masters", "reduce", "astrometry", "photometry", "stack", "curate"}
+    assert report["counts"]["science_done"] == report["counts"]["science_planned"] == 2
+    assert report["counts"]["raw_frames"] == 9 + 9 + 5 + 2
+    assert report["failures"] == [] and report["exit_code"] == 0
+    # one report: what curate made of the products and what every stage did, the exit handler's too
+    assert set(report["timing"]) == set(report["stages"]) == {s.name for s in graph.STAGES}
+    assert all(n["done"] == sum(n.values()) for n in report["stages"].values()), report["stages"]
+    assert report["stages"]["reduce"]["done"] == 2 and report["stages"]["notify"]["done"] == 1
+    assert [s["status"] for s in report["stacks"]] == ["done"]
     assert _raw_hashes(root) == before
-    assert (root / "runs" / UNIT / NIGHT / "report.json").is_file()
+    saved = json.loads((root / "runs" / UNIT / NIGHT / "night_report.json").read_text())
+    assert saved["records"] == report["records"] and not (root / "runs" / UNIT / NIGHT / "report.json").exists()
 
 
 def test_master_bias_matches_truth(night):
@@ -95,7 +100,7 @@ def test_cosmic_rays_found_and_few_false(night):
     from scipy.ndimage import binary_dilation
 
     root, report, _ = night
-    for frame in report["frames"].values():
+    for frame in report["frames"]:
         with fits.open(root / frame["output"]) as hdul:
             data, mask = hdul[0].data.astype(np.float64), hdul["MASK"].data
             stem = Path(hdul[0].header["RAWFILE"]).stem
@@ -113,7 +118,7 @@ def test_cosmic_rays_found_and_few_false(night):
 
 def test_calibrated_product_layout_and_provenance(night):
     root, report, _ = night
-    frame = next(iter(report["frames"].values()))
+    frame = report["frames"][0]
     out = frame["output"]
     assert out.startswith(f"processed/T10779/{UNIT}/{FILTER}/calib_{UNIT}_T10779_2025010")
     assert out.endswith(f"_{FILTER}_100.fits")
@@ -135,7 +140,7 @@ def test_calibrated_product_layout_and_provenance(night):
 
 def test_rerun_skips_and_force_redoes(night):
     root, report, _ = night
-    frame = next(iter(report["frames"].values()))
+    frame = report["frames"][0]
     mtime = (root / frame["output"]).stat().st_mtime_ns
     again = run_night(str(root), UNIT, NIGHT, workers=1, progress=False)
     statuses = {r["stage"]: r["status"] for r in again["records"] if r["stage"] in ("masters", "reduce", "astrometry", "photometry")}
@@ -166,13 +171,13 @@ def test_bad_frames_are_quarantined_and_the_night_completes(tmp_path):
         fits.PrimaryHDU(hdul[0].data[:512, :512], hdul[0].header).writeto(odd)
 
     report = run_night(str(root), UNIT, NIGHT, workers=1, progress=False)
-    reasons = {Path(q["file"]).name: q["reason"] for q in report["quarantined"]}
+    reasons = {Path(q["file"]).name: q["reason"] for q in report["failures"] if q["status"] == "quarantined"}
     assert set(reasons) == {truncated.name, no_exptime.name, odd.name}
     assert "truncated" in reasons[truncated.name]
     assert "EXPTIME" in reasons[no_exptime.name]
     assert "512x512" in reasons[odd.name]
-    assert report["frames_out"] == 1  # the remaining good science frame
-    assert report["failed"] == []
+    assert report["counts"]["science_done"] == 1  # the remaining good science frame
+    assert report["exit_code"] == 0 and len(report["failures"]) == 3
 
 
 @pytest.mark.slow
@@ -182,7 +187,7 @@ def test_night_without_flats_borrows_the_nearest_earlier_flats(tmp_path):
     _sim(root, night="2025-01-03", seed=11, calib=("bias", "dark"), n_science=1)
     run_night(str(root), UNIT, "2025-01-01_gain2750", workers=1, progress=False)
     report = run_night(str(root), UNIT, "2025-01-03_gain2750", workers=1, progress=False)
-    assert report["frames_out"] == 1, report["quarantined"]
+    assert report["counts"]["science_done"] == 1, report["failures"]
     plan = json.loads((root / "runs" / UNIT / "2025-01-03_gain2750" / "plan.json").read_text())
     masters = plan["frames"][0]["masters"]
     assert "20250101" in masters["flat"]  # borrowed from the earlier night
@@ -202,14 +207,14 @@ def test_night_run_on_s3_gives_the_same_products(tmp_path, night, s3_root):
                            "--workers", "2"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "science out: 2" in proc.stdout, proc.stdout[-3000:]
-    for frame in local_report["frames"].values():
+    for frame in local_report["frames"]:
         with fits.open(local_root / frame["output"]) as a, storage.local_copy(storage.join(s3_root, frame["output"])) as p:
             with fits.open(p) as b:
                 np.testing.assert_array_equal(a[0].data, b[0].data)
                 np.testing.assert_array_equal(a["MASK"].data, b["MASK"].data)
                 for key in ("CRVAL1", "CRVAL2", "ZP_APER_1"):  # astrometry and photometry agree too
                     assert a[0].header[key] == pytest.approx(b[0].header[key], abs=1e-6)
-    assert storage.exists(storage.join(s3_root, "runs", UNIT, NIGHT, "report.json"))
+    assert storage.exists(storage.join(s3_root, "runs", UNIT, NIGHT, "night_report.json"))
 
 
 def test_latest_night_is_the_newest_finished_one(tmp_path):

@@ -5,6 +5,10 @@ product, so a crash between the two leaves no sidecar and the work is redone. Th
 the hash of the inputs and settings the product was made from; a stage that finds the same hash
 skips the work (``force`` redoes it). A stage that adds to another stage's product (astrometry's
 WCS in the calib frame) names its own sidecar ``X.<role>.json``, so each stage's record is its own.
+
+Every stage invocation ends in one ``StageResult`` (``runs/<unit>/<night>/results/<stage>/<item>.json``,
+and the JSON line ``gppy stage`` prints for Argo's log): made by ``StageResult.finished`` or
+``StageResult.failed``, written by ``to_dict``, read back by ``from_dict``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from astropy.io import fits
 
 from .. import __version__, storage
 from ..config import settings_hash
-from ..errors import BadInputError, ConfigError
+from ..errors import BAD_INPUT, BUG, OK, BadInputError, ConfigError, GppyError, exit_code_for
 
 PLAN_SCHEMA = "gppy-stage/plan/1"
 
@@ -73,10 +77,86 @@ class Night:
                 return entry
         raise BadInputError(f"plan.json of {self.unit} {self.night} lists no {fanout} {item_id!r}")
 
-    def write_result(self, stage: str, item_id: str | None, result: dict) -> str:
-        key = f"{self.run_prefix}/results/{stage}/{item_id or 'night'}.json"
-        storage.put_bytes(self.url(key), json.dumps(result, indent=1, default=str).encode())
+    def write_result(self, record: StageResult) -> str:
+        key = f"{self.run_prefix}/results/{record.stage}/{record.item or 'night'}.json"
+        storage.put_bytes(self.url(key), json.dumps(record.to_dict(), indent=1, default=str).encode())
         return key
+
+
+STATUSES = ("done", "skipped", "quarantined", "failed")
+# what ``gppy stage`` prints (and Argo's log keeps): the record less what the command line already names
+LOG_KEYS = ("stage", "item", "status", "exit_code", "seconds", "result", "error")
+
+
+@dataclass(frozen=True)
+class StageError:
+    """Why a stage invocation did not finish: the error's kind, its one-line reason, the file it names."""
+
+    kind: str
+    reason: str
+    file: str | None = None
+    traceback: str | None = None  # only for a bug (exit 70), where the operator needs the code's path
+
+    def to_dict(self) -> dict:
+        out = {"kind": self.kind, "reason": self.reason, "file": self.file}
+        if self.traceback is not None:
+            out["traceback"] = self.traceback
+        return out
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """The outcome of one stage invocation on one item (``item`` None for a night-wide stage)."""
+
+    stage: str
+    item: str | None
+    unit: str
+    night: str
+    started: str
+    status: str  # one of STATUSES
+    exit_code: int
+    seconds: float
+    result: dict | None = None  # the stage function's own dict, when it finished
+    error: StageError | None = None
+
+    @classmethod
+    def finished(cls, result: dict, seconds: float, **where) -> StageResult:
+        """A stage that returned: skipped when its result says so. ``where``: stage, item, unit, night, started."""
+        status = "skipped" if result.get("skipped") else "done"
+        return cls(**where, status=status, exit_code=OK, seconds=round(seconds, 3), result=result)
+
+    @classmethod
+    def failed(cls, exc: BaseException, seconds: float, traceback: str | None = None, **where) -> StageResult:
+        """A stage that raised: a bad input is quarantined, anything else failed, with the exit code
+        the error's type gives (an untyped exception is a bug)."""
+        code = exit_code_for(exc)
+        reason = exc.reason if isinstance(exc, GppyError) else f"{type(exc).__name__}: {exc}"
+        error = StageError(kind=getattr(exc, "kind", "bug"), reason=reason, file=getattr(exc, "path", None),
+                           traceback=traceback if code == BUG else None)
+        return cls(**where, status="quarantined" if code == BAD_INPUT else "failed", exit_code=code,
+                   seconds=round(seconds, 3), error=error)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("done", "skipped")
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "item": self.item, "unit": self.unit, "night": self.night,
+                "started": self.started, "status": self.status, "exit_code": self.exit_code,
+                "seconds": self.seconds, "result": self.result,
+                "error": self.error.to_dict() if self.error else None}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StageResult:
+        err = data.get("error")
+        return cls(**{k: data.get(k) for k in ("stage", "item", "unit", "night", "started", "status", "exit_code",
+                                               "seconds", "result")},
+                   error=StageError(**{k: err.get(k) for k in ("kind", "reason", "file", "traceback")}) if err else None)
+
+    def log_line(self) -> str:
+        """The one JSON line a ``gppy stage`` command prints."""
+        record = self.to_dict()
+        return json.dumps({k: record[k] for k in LOG_KEYS}, default=str)
 
 
 def utcnow() -> str:

@@ -4,8 +4,10 @@ Products already sit in the processed layout (``processed/<field>/<unit>/<filter
 frames, ``phot/*.phot.cat``, ``*com.fits`` and its weight, difference products, candidates and
 stamps); curate lists what this night made there (``runs/<unit>/<night>/products.json``), writes a
 text dump of each FITS product's primary header beside it (``<name>.header.txt``: readable
-without a FITS reader, and diffable between runs) and the night report as JSON
-(``night_report.json``) and Markdown (``report.md``). The report links the moving candidates of
+without a FITS reader, and diffable between runs) and the night's one report as JSON
+(``night_report.json``) and Markdown (``report.md``): the products, their quality and the
+candidates, and what each stage did, from the stages' result records (which Argo's pods write to
+storage too, so a cluster night has the same report). The report links the moving candidates of
 the night's stacks (the detect stage's ``moving`` rows, from every filter) into one row per
 moving object (``report.link_movers``).
 """
@@ -63,8 +65,7 @@ def run(ctx: Night) -> dict:
     rep = report.build(report.collect(ctx.root, ctx.unit, ctx.night), top_candidates=int(cfg["top_candidates"]),
                        products=products)
     rep["made"] = utcnow()
-    storage.put_bytes(ctx.url(ctx.run_prefix, report.REPORT_JSON), json.dumps(rep, indent=1, default=str).encode())
-    storage.put_bytes(ctx.url(ctx.run_prefix, report.REPORT_MD), report.markdown(rep).encode())
+    report.save(ctx.root, rep)
     log.event(_log, "curated", products=len(products), snapshots=snapshots, failures=rep["counts"]["failures"],
               moving=len(rep["moving"]), seconds=timer.seconds)
     return {"products": len(products), "header_snapshots": snapshots,
