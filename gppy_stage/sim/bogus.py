@@ -15,6 +15,8 @@ detection threshold (S/N 5) are kept, as only those become candidates. Pure in t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 
 import numpy as np
 
@@ -23,6 +25,8 @@ from . import model as simmodel
 from .render import add_moffat
 
 HALF = 15
+SHAPE = (2 * HALF + 1,) * 2
+CENTRE = float(HALF)
 BOGUS_KINDS = ("cosmic", "dipole", "saturated", "hot_pixel", "bad_column", "ref_artefact")
 # the PSF FWHM (px) of the sites of config/instruments.csv, LOAO's 1.5" on 0.794"/px to KCT's 2"
 # on 0.306"/px, so that one model serves them all (RASA36's 2.36"/px, about 1 px, is not covered)
@@ -59,9 +63,141 @@ def _galaxy(rng, shape, c, fwhm, beta):
     return img
 
 
+@dataclass
+class _Stamp:
+    """A candidate's stamp while its kind draws it: the difference's signal (before noise), the
+    reference, the mask, and where the candidate was detected (tx, ty) with its detection error."""
+
+    fwhm: float
+    beta: float
+    sigma: float  # the difference's noise
+    jx: float  # centroid error
+    jy: float
+    tx: float
+    ty: float
+    star_dist: float  # to the nearest reference star, in FWHM
+    signal: np.ndarray = dc_field(default_factory=lambda: np.zeros(SHAPE))
+    ref: np.ndarray = dc_field(default_factory=lambda: np.zeros(SHAPE))
+    mask: np.ndarray = dc_field(default_factory=lambda: np.zeros(SHAPE, bool))
+    sign: int = 1
+
+    def flux_for(self, snr: float) -> float:
+        """The flux a Gaussian PSF of this FWHM needs for that S/N on this sky."""
+        return snr * self.sigma * math.sqrt(4 * math.pi * (self.fwhm * 0.4247) ** 2)
+
+    def psf(self, x: float, y: float, flux: float, fwhm: float | None = None, beta: float | None = None) -> np.ndarray:
+        return _psf(SHAPE, x, y, self.fwhm if fwhm is None else fwhm, self.beta if beta is None else beta, flux)
+
+
+def _real(rng, st: _Stamp) -> None:
+    """A point source on the sky or on a galaxy (whose imperfect subtraction leaves a residual)."""
+    from scipy.ndimage import gaussian_filter
+
+    f = st.flux_for(10 ** rng.uniform(math.log10(5), math.log10(150)))
+    st.signal += st.psf(st.tx, st.ty, f)
+    if rng.random() < 0.6:  # on a galaxy
+        gal = _galaxy(rng, SHAPE, CENTRE, st.fwhm, st.beta) * f * 10 ** rng.uniform(0, 2.5)
+        st.ref += gal
+        # the galaxy subtracted with a slightly wrong kernel
+        st.signal += rng.uniform(-0.03, 0.03) * (gaussian_filter(gal, rng.uniform(0.2, 0.8)) - gal) * 10
+    if rng.random() < 0.1:
+        st.star_dist = rng.uniform(1.5, 5)  # a real source beside a star
+    if rng.random() < 0.05:  # a few masked pixels nearby
+        st.mask[rng.integers(0, SHAPE[0], 3), rng.integers(0, SHAPE[1], 3)] = True
+
+
+def _cosmic(rng, st: _Stamp) -> None:
+    """A cosmic-ray residual: a dot of a few pixels or a track."""
+    from scipy.ndimage import gaussian_filter
+
+    amp = st.sigma * 10 ** rng.uniform(math.log10(5), 2.5)
+    npx = rng.integers(1, 5) if rng.random() < 0.6 else rng.integers(4, 12)
+    ang = rng.uniform(0, math.pi)
+    tx, ty = st.tx, st.ty
+    for k in range(npx):
+        px = int(round(tx + (k - npx / 2) * math.cos(ang) * (npx > 4)))
+        py = int(round(ty + (k - npx / 2) * math.sin(ang) * (npx > 4)))
+        if npx <= 4:
+            px, py = int(round(tx)) + rng.integers(-1, 2) * (k > 0), int(round(ty)) + rng.integers(-1, 2) * (k > 0)
+        st.signal[py % SHAPE[0], px % SHAPE[1]] += amp * rng.uniform(0.3, 1)
+    if rng.random() < 0.5:  # LA Cosmic caught part of it: the mask grows over some of its pixels
+        hit = st.signal > 0
+        st.mask |= hit & (rng.random(SHAPE) < 0.5)
+    if rng.random() < 0.3:  # a cosmic ray in a frame, smeared by the stack's resampling
+        st.signal = gaussian_filter(st.signal, rng.uniform(0.3, 0.6))
+
+
+def _dipole(rng, st: _Stamp) -> None:
+    """A misaligned star: the new image's copy shifted against the reference's."""
+    c, fwhm = CENTRE, st.fwhm
+    f = st.flux_for(10 ** rng.uniform(1.5, 3.5))
+    st.ref += st.psf(c, c, f)
+    shift = rng.uniform(0.05, 0.8) * fwhm * np.array([math.cos(a := rng.uniform(0, 2 * math.pi)), math.sin(a)])
+    st.signal += st.psf(c + shift[0], c + shift[1], f * rng.uniform(0.97, 1.03)) - st.ref
+    peak = np.unravel_index(np.argmax(st.signal), SHAPE)
+    st.ty, st.tx = peak[0] + st.jy, peak[1] + st.jx
+    st.star_dist = math.hypot(st.tx - c, st.ty - c) / fwhm if rng.random() < 0.8 else st.star_dist
+
+
+def _saturated(rng, st: _Stamp) -> None:
+    """A saturated star's wings, its core (and sometimes its bleed trail) masked."""
+    c, fwhm = CENTRE, st.fwhm
+    sx, sy = c + rng.uniform(-8, 8), c + rng.uniform(-8, 8)
+    f = st.flux_for(10 ** rng.uniform(3, 4.5))
+    st.ref += st.psf(sx, sy, f)
+    other = st.psf(sx, sy, f, fwhm * rng.uniform(0.9, 1.1), st.beta * rng.uniform(0.85, 1.15))
+    st.signal += (other - st.ref) * rng.uniform(0.5, 1.5)
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    st.mask |= (xx - sx) ** 2 + (yy - sy) ** 2 <= (rng.uniform(1, 3) * fwhm) ** 2
+    if rng.random() < 0.5:  # a bleed trail along the column
+        st.mask |= (np.abs(xx - sx) < 1) & (np.abs(yy - sy) < rng.uniform(3, 15))
+    cand = np.where(~st.mask, st.signal, -np.inf)
+    peak = np.unravel_index(np.argmax(cand), SHAPE)
+    st.ty, st.tx = peak[0] + st.jy, peak[1] + st.jx
+    st.star_dist = math.hypot(st.tx - sx, st.ty - sy) / fwhm if rng.random() < 0.9 else st.star_dist
+
+
+def _hot_pixel(rng, st: _Stamp) -> None:
+    ix, iy = int(round(st.tx)), int(round(st.ty))
+    st.signal[iy, ix] += st.sigma * 10 ** rng.uniform(math.log10(5), 3)
+    if rng.random() < 0.3:
+        st.signal[iy + rng.integers(-1, 2), ix + rng.integers(-1, 2)] += st.sigma * rng.uniform(1, 5)
+
+
+def _bad_column(rng, st: _Stamp) -> None:
+    col = int(round(st.tx)) + rng.integers(-1, 2)
+    y0 = rng.integers(0, HALF) if rng.random() < 0.5 else 0
+    y1 = SHAPE[0] if rng.random() < 0.6 else rng.integers(HALF + 1, SHAPE[0])
+    width = 1 if rng.random() < 0.7 else 2
+    st.signal[y0:y1, col:col + width] += st.sigma * rng.uniform(1.5, 6)
+    if rng.random() < 0.3:
+        st.mask[y0:y1, col:col + width] |= rng.random((y1 - y0, width)) < 0.3
+
+
+def _ref_artefact(rng, st: _Stamp) -> None:
+    if rng.random() < 0.6:  # a reference-only blob (its own cosmic ray, a ghost), convolved: faded
+        f = st.flux_for(10 ** rng.uniform(math.log10(5), 2))
+        blob = st.psf(st.tx, st.ty, f, st.fwhm * rng.uniform(0.6, 1.5))
+        st.ref += blob
+        st.signal -= blob
+        st.sign = -1
+    else:  # a hole in the reference (a dead patch, an oversubtracted halo): brightened, flat and sharp-edged
+        w = rng.integers(2, 6)
+        ix, iy = int(round(st.tx)), int(round(st.ty))
+        patch = np.zeros(SHAPE)
+        patch[iy - w // 2: iy - w // 2 + w, ix - w // 2: ix - w // 2 + w] = st.sigma * rng.uniform(3, 20)
+        st.ref -= patch
+        st.signal += patch
+
+
+_DRAW = {"real": _real, "cosmic": _cosmic, "dipole": _dipole, "saturated": _saturated, "hot_pixel": _hot_pixel,
+         "bad_column": _bad_column, "ref_artefact": _ref_artefact}
+
+
 def _one(rng, kind: str):
-    shape = (2 * HALF + 1,) * 2
-    c = float(HALF)
+    """One stamp of ``kind``: its features as the detect stage measures them, and its true FWHM."""
+    if kind not in _DRAW:
+        raise ValueError(f"unknown example kind {kind!r}")
     fwhm = math.exp(rng.uniform(*np.log(FWHM_RANGE)))
     fwhm_est = fwhm * math.exp(rng.uniform(*np.log(FWHM_ESTIMATE_RATIO)))
     beta = rng.uniform(2.2, 4.5)
@@ -70,106 +206,18 @@ def _one(rng, kind: str):
     # the detected centroid is off the truth by up to a few tenths of a pixel
     jx, jy = rng.normal(0, 0.25, 2)
     dx, dy = rng.uniform(-0.5, 0.5, 2)
-    tx, ty = c + dx + jx, c + dy + jy
-    noise = np.full(shape, sigma)
-    mask = np.zeros(shape, bool)
-    signal = np.zeros(shape)
-    ref = np.zeros(shape)
-    sign = 1
-    star_dist = math.exp(rng.uniform(math.log(3), math.log(60)))
-
-    def flux_for(snr):  # the flux a Gaussian PSF of this FWHM needs for that S/N on this sky
-        return snr * sigma * math.sqrt(4 * math.pi * (fwhm * 0.4247) ** 2)
-
-    if kind == "real":
-        f = flux_for(10 ** rng.uniform(math.log10(5), math.log10(150)))
-        signal += _psf(shape, tx, ty, fwhm, beta, f)
-        if rng.random() < 0.6:  # on a galaxy
-            gal = _galaxy(rng, shape, c, fwhm, beta) * f * 10 ** rng.uniform(0, 2.5)
-            ref += gal
-            # the galaxy subtracted with a slightly wrong kernel
-            from scipy.ndimage import gaussian_filter
-
-            signal += rng.uniform(-0.03, 0.03) * (gaussian_filter(gal, rng.uniform(0.2, 0.8)) - gal) * 10
-        if rng.random() < 0.1:
-            star_dist = rng.uniform(1.5, 5)  # a real source beside a star
-        if rng.random() < 0.05:  # a few masked pixels nearby
-            mask[rng.integers(0, shape[0], 3), rng.integers(0, shape[1], 3)] = True
-    elif kind == "cosmic":
-        amp = sigma * 10 ** rng.uniform(math.log10(5), 2.5)
-        npx = rng.integers(1, 5) if rng.random() < 0.6 else rng.integers(4, 12)
-        ang = rng.uniform(0, math.pi)
-        for k in range(npx):
-            px = int(round(tx + (k - npx / 2) * math.cos(ang) * (npx > 4)))
-            py = int(round(ty + (k - npx / 2) * math.sin(ang) * (npx > 4)))
-            if npx <= 4:
-                px, py = int(round(tx)) + rng.integers(-1, 2) * (k > 0), int(round(ty)) + rng.integers(-1, 2) * (k > 0)
-            signal[py % shape[0], px % shape[1]] += amp * rng.uniform(0.3, 1)
-        if rng.random() < 0.5:  # LA Cosmic caught part of it: the mask grows over some of its pixels
-            hit = signal > 0
-            mask |= hit & (rng.random(shape) < 0.5)
-        if rng.random() < 0.3:  # a cosmic ray in a frame, smeared by the stack's resampling
-            from scipy.ndimage import gaussian_filter
-
-            signal = gaussian_filter(signal, rng.uniform(0.3, 0.6))
-    elif kind == "dipole":
-        f = flux_for(10 ** rng.uniform(1.5, 3.5))
-        ref += _psf(shape, c, c, fwhm, beta, f)
-        shift = rng.uniform(0.05, 0.8) * fwhm * np.array([math.cos(a := rng.uniform(0, 2 * math.pi)), math.sin(a)])
-        signal += _psf(shape, c + shift[0], c + shift[1], fwhm, beta, f * rng.uniform(0.97, 1.03)) - ref
-        peak = np.unravel_index(np.argmax(signal), shape)
-        ty, tx = peak[0] + jy, peak[1] + jx
-        star_dist = math.hypot(tx - c, ty - c) / fwhm if rng.random() < 0.8 else star_dist
-    elif kind == "saturated":
-        sx, sy = c + rng.uniform(-8, 8), c + rng.uniform(-8, 8)
-        f = flux_for(10 ** rng.uniform(3, 4.5))
-        ref += _psf(shape, sx, sy, fwhm, beta, f)
-        other = _psf(shape, sx, sy, fwhm * rng.uniform(0.9, 1.1), beta * rng.uniform(0.85, 1.15), f)
-        signal += (other - ref) * rng.uniform(0.5, 1.5)
-        yy, xx = np.mgrid[: shape[0], : shape[1]]
-        mask |= (xx - sx) ** 2 + (yy - sy) ** 2 <= (rng.uniform(1, 3) * fwhm) ** 2
-        if rng.random() < 0.5:  # a bleed trail along the column
-            mask |= (np.abs(xx - sx) < 1) & (np.abs(yy - sy) < rng.uniform(3, 15))
-        cand = np.where(~mask, signal, -np.inf)
-        peak = np.unravel_index(np.argmax(cand), shape)
-        ty, tx = peak[0] + jy, peak[1] + jx
-        star_dist = math.hypot(tx - sx, ty - sy) / fwhm if rng.random() < 0.9 else star_dist
-    elif kind == "hot_pixel":
-        signal[int(round(ty)), int(round(tx))] += sigma * 10 ** rng.uniform(math.log10(5), 3)
-        if rng.random() < 0.3:
-            signal[int(round(ty)) + rng.integers(-1, 2), int(round(tx)) + rng.integers(-1, 2)] += sigma * rng.uniform(1, 5)
-    elif kind == "bad_column":
-        col = int(round(tx)) + rng.integers(-1, 2)
-        y0 = rng.integers(0, HALF) if rng.random() < 0.5 else 0
-        y1 = shape[0] if rng.random() < 0.6 else rng.integers(HALF + 1, shape[0])
-        width = 1 if rng.random() < 0.7 else 2
-        signal[y0:y1, col:col + width] += sigma * rng.uniform(1.5, 6)
-        if rng.random() < 0.3:
-            mask[y0:y1, col:col + width] |= rng.random((y1 - y0, width)) < 0.3
-    elif kind == "ref_artefact":
-        if rng.random() < 0.6:  # a reference-only blob (its own cosmic ray, a ghost), convolved: faded
-            f = flux_for(10 ** rng.uniform(math.log10(5), 2))
-            blob = _psf(shape, tx, ty, fwhm * rng.uniform(0.6, 1.5), beta, f)
-            ref += blob
-            signal -= blob
-            sign = -1
-        else:  # a hole in the reference (a dead patch, an oversubtracted halo): brightened, flat and sharp-edged
-            w = rng.integers(2, 6)
-            ix, iy = int(round(tx)), int(round(ty))
-            patch = np.zeros(shape)
-            patch[iy - w // 2: iy - w // 2 + w, ix - w // 2: ix - w // 2 + w] = sigma * rng.uniform(3, 20)
-            ref -= patch
-            signal += patch
-    else:
-        raise ValueError(f"unknown example kind {kind!r}")
+    st = _Stamp(fwhm, beta, sigma, jx, jy, CENTRE + dx + jx, CENTRE + dy + jy,
+                math.exp(rng.uniform(math.log(3), math.log(60))))
+    _DRAW[kind](rng, st)
     sky_ref = 10 ** rng.uniform(1, 3)
-    ref = ref + sky_ref + rng.normal(size=shape) * math.sqrt(sky_ref)
-    diff = signal + sigma * _noise(rng, shape, corr)
+    ref = st.ref + sky_ref + rng.normal(size=SHAPE) * math.sqrt(sky_ref)
+    diff = st.signal + sigma * _noise(rng, SHAPE, corr)
     # the candidate's own pixel offset, as the detect stage measures it
-    ix, iy = int(round(tx - jx)), int(round(ty - jy))
+    ix, iy = int(round(st.tx - jx)), int(round(st.ty - jy))
     sh = (HALF - iy, HALF - ix)
-    diff, noise_s, mask_s, ref_s = (np.roll(a, sh, axis=(0, 1)) for a in (diff, noise, mask, ref))
-    return features(diff, noise_s, mask_s, ref_s, fwhm_est, tx - jx - ix, ty - jy - iy, sign, star_dist), fwhm
+    diff, noise_s, mask_s, ref_s = (np.roll(a, sh, axis=(0, 1)) for a in (diff, np.full(SHAPE, sigma), st.mask, ref))
+    return features(diff, noise_s, mask_s, ref_s, fwhm_est, st.tx - jx - ix, st.ty - jy - iy, st.sign,
+                    st.star_dist), fwhm
 
 
 def _detected(rng, kind: str, min_snr: float = 5.0, tries: int = 50) -> tuple[np.ndarray, float]:
