@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -163,7 +164,7 @@ def test_forced_fluxes_follow_the_brightening_truth(night):
 def test_a_candidate_without_flux_gets_upper_limits(night):
     """Forced at a blank place of the stack (no star in the reference), every frame is a limit."""
     from gppy_stage.stages.base import Night
-    from gppy_stage.stages.detect import _images
+    from gppy_stage.stages.cutouts import primary_images, stack_frames
     from gppy_stage.stages.forced import light_curves
     from gppy_stage.stages.subtract import product_keys
 
@@ -175,7 +176,7 @@ def test_a_candidate_without_flux_gets_upper_limits(night):
             "new": ctx.url(entry["output"]), "ref": ctx.url(keys["ref"])}
     from astropy.wcs import WCS
 
-    with _images(urls) as img:
+    with primary_images(urls) as img, stack_frames(ctx, entry) as opened:
         ref = np.asarray(img["ref"][0], float)
         ny, nx = ref.shape
         # the grid point whose 31 x 31 px neighbourhood in the reference is faintest
@@ -184,7 +185,7 @@ def test_a_candidate_without_flux_gets_upper_limits(night):
         ra, dec = WCS(img["diff"][1]).pixel_to_world_values(x + 0.3, y - 0.2)
         blank = Table({"id": [999], "ra": [float(ra)], "dec": [float(dec)], "x": [x + 0.3], "y": [y - 0.2],
                        "score": [1.0]})
-        files, notes = light_curves(ctx, entry, [f["id"] for f in ctx.plan()["frames"]], blank, img, 7.0, 1.1)
+        files, notes = light_curves(ctx, entry, opened, [f["id"] for f in ctx.plan()["frames"]], blank, img, 7.0, 1.1)
     assert notes == []
     lc = Table.read(files["cand_0999.lc.ecsv"].decode(), format="ascii.ecsv")
     print(lc["frame", "flux_ujy", "flux_err_ujy", "snr", "mag_lim"])
@@ -214,3 +215,46 @@ def test_sim_command_makes_the_transient_brighten_only_when_asked(tmp_path):
     assert transient["light_curve"]["change_mag"] == -0.5
     plain, transient = frame_mags(tmp_path / "plain")
     assert all("transient_mag" not in e for e in plain) and "light_curve" not in transient
+
+
+def _resident_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (Linux /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+            inside = len(head) >= 6 and head[-1] == str(path)
+        elif inside and head[0] == "Rss:":
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_stack_frames_open_each_file_once_and_let_its_pages_go(night):
+    """The centroids and the light curves are served by one opening of each frame and of the
+    reference (stages.cutouts.StackFrames); a consumer done with a frame leaves none of its pages
+    resident, and a box cut again afterwards reads back the file's values."""
+    from gppy_stage.stages.base import Night
+    from gppy_stage.stages.cutouts import frame_cut, stack_frames
+
+    root = night[0]
+    ctx = Night(str(root), UNIT, NIGHT)
+    (entry,) = ctx.plan()["stacks"]
+    fid = entry["frames"][0]
+    with stack_frames(ctx, entry) as frames:
+        assert frames.frame_url("no-such-frame") is None
+        path = frames.frame_url(fid)
+        with frames.frame(fid) as (hdul, idx):
+            ny, nx = hdul[idx].data.shape
+            whole = [np.array(hdul[i].data) for i in range(len(hdul)) if hdul[i].data is not None]
+            first = frame_cut(hdul, idx, (10, 60, 20, 90))
+            touched = _resident_kib(path)
+        released = _resident_kib(path)
+        with frames.frame(fid) as (again, idx2):
+            second = frame_cut(again, idx2, (10, 60, 20, 90))
+        assert again is hdul and frames.reference() is frames.reference()
+    print(f"{path}: {touched} KiB resident while in use, {released} KiB after; {ny} x {nx} px")
+    assert touched > 0.5 * sum(a.nbytes for a in whole) / 1024 and released == 0
+    for a, b in zip(first[:3], second[:3]):
+        assert np.array_equal(a, b)
+    assert hdul.fileinfo(0)["file"].closed  # closed once the block ends

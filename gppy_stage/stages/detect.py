@@ -26,12 +26,10 @@ Images are memory-mapped: the stack and the reference are only cut out for stamp
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 
 import numpy as np
-from astropy.io import fits
 from astropy.table import Table
 
 from .. import config, log, storage
@@ -42,10 +40,11 @@ from ..science.detect import APER_FWHM, FLAG_BITS, candidate_score, detect_candi
 from ..science.stamps import candidate_stamps, region_text
 from ..science.wcsutil import wcs_of
 from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
+from .cutouts import Reference, StackFrames, frame_cut, primary_images, reference_cut, seeing_px, stack_frames
 from .forced import light_curves
 from .photometry import product_keys as phot_keys
 from .stack import stem
-from .subtract import find_reference, product_keys, without_difference
+from .subtract import product_keys, without_difference
 
 _log = log.get("detect")
 
@@ -180,23 +179,6 @@ def candidate_aperture(diff_header, stack_header, ref_header, fwhm: float, pixsc
     return radius, growth_correction(psf_header, radius, pixscale) or 1.0
 
 
-@contextlib.contextmanager
-def _images(urls: dict[str, str]):
-    """{name: (memory-mapped data, header)}: read on demand, so a stamp reads only its cut-out."""
-    with contextlib.ExitStack() as stack:
-        out = {}
-        for name, url in urls.items():
-            path = stack.enter_context(storage.local_copy(url))
-            try:
-                hdul = stack.enter_context(fits.open(path, memmap=True))
-                out[name] = (hdul[0].data, hdul[0].header)
-            except (OSError, ValueError) as exc:
-                raise BadInputError(f"cannot read FITS ({exc})", path=url) from None
-            if out[name][0] is None or out[name][0].ndim != 2:
-                raise BadInputError("no 2-D image in the primary HDU", path=url)
-        yield out
-
-
 def run(ctx: Night, stack: str) -> dict:
     entry = ctx.item("stack", stack)
     cfg = settings("detect")
@@ -226,7 +208,7 @@ def run(ctx: Night, stack: str) -> dict:
     timer = Timer()
     urls = {"diff": diff_url, "noise": ctx.url(keys["noise"]), "mask": ctx.url(keys["mask"]),
             "new": ctx.url(entry["output"]), "ref": ctx.url(keys["ref"])}
-    with _images(urls) as img:
+    with primary_images(urls) as img, stack_frames(ctx, entry) as frames:
         header, stack_header = img["diff"][1].copy(), img["new"][1].copy()
         wcs = wcs_of(header)
         zp = float(header.get("ZP", 0.0))
@@ -243,13 +225,13 @@ def run(ctx: Night, stack: str) -> dict:
                               max_rate_arcsec_h=float(cfg.get("max_rate_arcsec_h", 400.0)))
         sso_used = known_objects(ctx, t, span)
         add_realbogus_and_hosts(t, img, fwhm, wcs, refcat, pixscale, zp)
-        cen_notes = centroid_movers(ctx, entry, stack_meta.get("frames") or [], t, wcs, fwhm, span,
-                                    float(cfg["threshold"])) if moving else []
+        cen_notes = centroid_movers(frames, stack_meta.get("frames") or [], t, wcs, fwhm, span,
+                                    float(cfg["threshold"]), pixscale) if moving else []
         ok = passing(t, float(cfg["rb_threshold"]), int(cfg["pass_flags"]))
         stamps = candidate_stamps(img["new"][0], img["ref"][0], img["diff"][0], t[ok], half=int(cfg["stamp_half"]),
                                   noise=img["noise"][0], max_stamps=int(cfg["max_stamps"]))
-        curves, lc_notes = light_curves(ctx, entry, stack_meta.get("frames") or [], t[ok], img, aper_radius, aper_corr,
-                                        max_candidates=int(cfg["max_stamps"]))
+        curves, lc_notes = light_curves(ctx, entry, frames, stack_meta.get("frames") or [], t[ok], img, aper_radius,
+                                        aper_corr, max_candidates=int(cfg["max_stamps"]))
     t["pass"] = ok
     t.meta.update({"STACK": storage.basename(entry["output"]), "DIFF": storage.basename(keys["diff"]),
                    "FWHM_PX": fwhm, "THRESH": float(cfg["threshold"]), "MINSCORE": float(cfg["min_score"]),
@@ -289,86 +271,93 @@ CENTROID_MAX = 20
 CENTROID_HALF = 32
 
 
-def centroid_movers(ctx: Night, entry: dict, frame_ids: list[str], t: Table, wcs, fwhm: float,
-                    span: tuple[float, float], threshold: float) -> list[dict]:
+def centroid_movers(frames: StackFrames, frame_ids: list[str], t: Table, wcs, fwhm: float,
+                    span: tuple[float, float], threshold: float, pixscale: float) -> list[dict]:
     """Flag ``moving`` in place the candidates the catalogues could not link (a faint mover is
     under the photometry catalogues' S/N in each frame) whose position changes across the frames
-    of their own stack: each frame minus the reference on a small cut-out (``stages.forced``'s),
+    of their own stack: each frame minus the reference on a small cut-out (``stages.cutouts``),
     the flux's centroid there (``science.moving.residual_centroid``) taken to the stack's grid
     through the two WCSs, and a straight line fitted (``science.moving.centroid_motion``). A
     static transient's centroids agree within their errors and it stays put. Notes on frames
     that could not be measured."""
-    from ..science import moving as mv
-    from . import forced as fst
-    from .stack import zero_point
-
     todo = np.flatnonzero(~np.asarray(t["moving"], bool) & ~np.asarray(t["negative"], bool)
                           & (np.asarray(t["snr"], float) >= threshold)) if len(t) else []
     todo = sorted(todo, key=lambda i: -float(t["snr"][i]))[:CENTROID_MAX]
-    frames = {f["id"]: f for f in ctx.plan()["frames"]}
-    ref_key = find_reference(ctx.root, entry["field"], entry["filter"])
-    if not len(todo) or len(frame_ids) < 2 or ref_key is None:
+    if not len(todo) or len(frame_ids) < 2 or frames.reference() is None:
         return []
-    pixscale = config.instrument(ctx.unit).pixscale
     ra, dec = np.asarray(t["ra"], float)[todo], np.asarray(t["dec"], float)[todo]
-    xs, ys, es, ts, notes = [], [], [], [], []
-    with fst._image(ctx.url(ref_key)) as (rhdul, ridx):
-        ref = (rhdul[ridx].data, rhdul[ridx].header)
-        zp_ref, _ = zero_point(ref[1], fst.REF_ZP_KEYS)
-        for fid in frame_ids:
-            if fid not in frames or not storage.exists(ctx.url(frames[fid]["output"])):
-                notes.append({"frame": fid, "reason": "no calibrated frame for centroids"})
-                continue
-            with fst._image(ctx.url(frames[fid]["output"])) as (hdul, idx):
-                cols = _frame_centroids(hdul, idx, ra, dec, ref, zp_ref, wcs, fwhm, pixscale, fst, mv)
-            if cols is None:
-                notes.append({"frame": fid, "reason": "no WCS, zero point or VARIANCE for centroids"})
-                continue
-            xs.append(cols[0]), ys.append(cols[1]), es.append(cols[2])
-            ts.append(_mjd(frames[fid]["date_obs"]) + float(frames[fid]["exptime"]) / 2 / 86400.0)
+    cols, ts, notes = _centroid_columns(frames, frame_ids, ra, dec, wcs, fwhm, pixscale)
     if len(ts) < 2:
         return notes
-    t0 = 0.5 * (span[0] + span[1])
-    moving_bit = FLAG_BITS["moving"]
-    for k, i in enumerate(todo):
-        moves, vx, vy, x0, y0 = mv.centroid_motion(ts, [c[k] for c in xs], [c[k] for c in ys], [c[k] for c in es],
-                                                   t0, min_motion=0.3 * fwhm)
-        if not moves:
-            continue
-        rate, pa = mv.rate_and_pa(wcs, [x0], [y0], [vx], [vy], per_hour=24.0)
-        if not rate[0] <= float(settings("detect").get("max_rate_arcsec_h", 400.0)) * 1.2:
-            continue
-        t["moving"][i] = True
-        t["rate_arcsec_h"][i], t["pa_deg"][i] = rate[0], pa[0]
-        t["flags"][i] = int(t["flags"][i]) | moving_bit
+    _flag_centroid_movers(t, todo, ts, cols, wcs, fwhm, span)
     t["score"] = candidate_score(t, threshold)
     return notes
 
 
-def _frame_centroids(hdul, idx, ra, dec, ref, zp_ref, wcs, fwhm, pixscale, fst, mv):
+def _centroid_columns(frames: StackFrames, frame_ids, ra, dec, wcs, fwhm, pixscale):
+    """([(x, y, error) columns of each measured frame], its mid-exposure MJDs, notes on the others)."""
+    cols, ts, notes = [], [], []
+    for fid in frame_ids:
+        if frames.frame_url(fid) is None:
+            notes.append({"frame": fid, "reason": "no calibrated frame for centroids"})
+            continue
+        with frames.frame(fid) as (hdul, idx):
+            c = _frame_centroids(hdul, idx, ra, dec, frames.reference(), wcs, fwhm, pixscale)
+        if c is None:
+            notes.append({"frame": fid, "reason": "no WCS, zero point or VARIANCE for centroids"})
+            continue
+        cols.append(c)
+        fr = frames.plan_frame(fid)
+        ts.append(_mjd(fr["date_obs"]) + float(fr["exptime"]) / 2 / 86400.0)
+    frames.release_reference()
+    return cols, ts, notes
+
+
+def _flag_centroid_movers(t: Table, todo, ts, cols, wcs, fwhm: float, span: tuple[float, float]) -> None:
+    """``moving``, its rate and angle and flag bit, in place, for the candidates ``todo`` whose
+    centroids ``cols`` (per frame, at times ``ts``) lie on a line that beats staying put."""
+    from ..science import moving as mv
+
+    t0 = 0.5 * (span[0] + span[1])
+    max_rate = float(settings("detect").get("max_rate_arcsec_h", 400.0)) * 1.2
+    for k, i in enumerate(todo):
+        moves, vx, vy, x0, y0 = mv.centroid_motion(ts, [c[0][k] for c in cols], [c[1][k] for c in cols],
+                                                   [c[2][k] for c in cols], t0, min_motion=0.3 * fwhm)
+        if not moves:
+            continue
+        rate, pa = mv.rate_and_pa(wcs, [x0], [y0], [vx], [vy], per_hour=24.0)
+        if not rate[0] <= max_rate:
+            continue
+        t["moving"][i] = True
+        t["rate_arcsec_h"][i], t["pa_deg"][i] = rate[0], pa[0]
+        t["flags"][i] = int(t["flags"][i]) | FLAG_BITS["moving"]
+
+
+def _frame_centroids(hdul, idx, ra, dec, ref: Reference, wcs, fwhm, pixscale):
     """(x, y, error) on the stack's grid of the difference flux near each (ra, dec) in one frame
     (NaN where none), or None when the frame cannot be differenced."""
+    from ..science import forced, moving as mv
     from .stack import has_celestial_wcs, zero_point
 
     header = hdul[idx].header
     zp, _ = zero_point(header, ("ZP",) + tuple(settings("stack")["zp_keys"]))
     if not has_celestial_wcs(header) or zp is None or "VARIANCE" not in [h.name for h in hdul]:
         return None
-    scale = 10 ** (0.4 * (zp - zp_ref)) if zp_ref is not None else 1.0
-    seeing, ref_seeing = (fst._seeing_px(h, pixscale) for h in (header, ref[1]))
+    scale = 10 ** (0.4 * (zp - ref.zp)) if ref.zp is not None else 1.0
+    seeing, ref_seeing = (seeing_px(h, pixscale) for h in (header, ref.header))
     fw = wcs_of(header)
     px, py = fw.world_to_pixel_values(ra, dec)
     out = np.full((3, len(ra)), np.nan)
     for k, (x, y) in enumerate(zip(np.atleast_1d(px), np.atleast_1d(py))):
-        box = fst.forced.cutout_box(hdul[idx].data.shape, float(x), float(y), CENTROID_HALF)
+        box = forced.cutout_box(hdul[idx].data.shape, float(x), float(y), CENTROID_HALF)
         if box is None:
             continue
         # the Gaussian kernel, not the native engine the light curves try first: what it leaves of a
         # host is the same in every frame, so it moves no centroid, and it costs a fraction
         try:
-            new, var, mask, grid = fst._frame_cut(hdul, idx, box)
-            d = fst.forced.difference(new, var, mask, *fst._reference_cut(ref[0], ref[1], grid, new.shape, scale),
-                                      fwhm_new=seeing, fwhm_ref=ref_seeing, native=False)
+            new, var, mask, grid = frame_cut(hdul, idx, box)
+            d = forced.difference(new, var, mask, *reference_cut(ref.data, ref.header, grid, new.shape, scale),
+                                  fwhm_new=seeing, fwhm_ref=ref_seeing, native=False)
         except BadInputError:
             continue
         cx, cy, err = mv.residual_centroid(d.diff, d.noise, d.mask, float(x) - box[2], float(y) - box[0],

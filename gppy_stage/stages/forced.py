@@ -3,8 +3,9 @@
 For each frame of the stack (its calibrated product: SCI, VARIANCE, MASK and the photometry
 stage's WCS, zero point and growth curve) and each passing candidate, only a box of
 ``2 * forced_half`` px around the candidate's sky position is read, through a memory map; the
-reference frame is cut around the same sky, resampled onto the box's grid by SWarp
-(``stages.subtract.reference_on_grid``) and put on the frame's zero point; ``science.forced``
+reference frame is cut around the same sky, resampled onto the box's grid by SWarp and put on
+the frame's zero point (``stages.cutouts``: the frames and the reference are opened once for
+this and the detect stage's per-frame centroids); ``science.forced``
 subtracts the two once and measures the flux at the fixed position. The stack's own difference
 gives one more row at the same position. So memory and time grow with candidates x frames
 times a cut-out, never with the frame size.
@@ -15,26 +16,23 @@ Products, beside the candidate's stamp: ``cand_NNNN.lc.ecsv`` (``science.forced.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 
 import numpy as np
-from astropy.io import fits
 from astropy.table import Table
 
 from .. import config, log, storage
 from ..config import settings
 from ..errors import BadInputError
-from ..fitsio import image_hdu_index
 from ..science.wcsutil import wcs_of
 from ..science import forced
 from ..science.astrometry import observation_time
 from ..science.detect import APER_FWHM, aperture_noise_factor, growth_correction, growth_radii
 from ..science.stamps import light_curve_png
 from .base import Night, Timer
+from .cutouts import Reference, StackFrames, frame_cut, reference_cut, seeing_px
 from .stack import has_celestial_wcs, zero_point
-from .subtract import REF_ZP_KEYS, find_reference, reference_on_grid
 
 _log = log.get("forced")
 
@@ -43,44 +41,6 @@ FORCED_HALF = 128     # px: half the side of a cut-out
 # flux 1.6" from a 14 mag host on the full-size night), so before falling back to it the native
 # engine is tried on a box this many times wider, where a sparse field has its stamp stars.
 KERNEL_WIDEN = 4
-REF_MARGIN = 16       # px of reference beyond the cut-out's footprint, for SWarp's interpolation kernel
-
-
-@contextlib.contextmanager
-def _image(url: str):
-    """(HDU list, index of its image) of a FITS file, memory-mapped: a cut-out reads only its box."""
-    with storage.local_copy(url) as path:
-        try:
-            hdul = fits.open(path, memmap=True)
-        except (OSError, ValueError) as exc:
-            raise BadInputError(f"cannot read FITS ({exc})", path=url) from None
-        with hdul:
-            yield hdul, image_hdu_index(hdul)
-
-
-def _frame_cut(hdul, idx: int, box):
-    y0, y1, x0, x1 = box
-    names = [h.name for h in hdul]
-    data = np.asarray(hdul[idx].data[y0:y1, x0:x1], np.float32)
-    var = np.asarray(hdul["VARIANCE"].data[y0:y1, x0:x1], np.float32)
-    mask = np.asarray(hdul["MASK"].data[y0:y1, x0:x1]) != 0 if "MASK" in names else np.zeros(data.shape, bool)
-    return data, var, mask, forced.shifted_header(hdul[idx].header, x0, y0, data.shape)
-
-
-def _reference_cut(ref_data, ref_header, grid_header, shape, scale):
-    """The reference on a cut-out's grid: cut around the cut-out's footprint first, so SWarp and
-    the reference's variance see a few hundred pixels, not the whole reference."""
-    ny, nx = shape
-    corners = wcs_of(grid_header).pixel_to_world_values(np.array([0, nx - 1, 0, nx - 1, nx / 2]),
-                                                     np.array([0, 0, ny - 1, ny - 1, ny / 2]))
-    rx, ry = wcs_of(ref_header).world_to_pixel_values(*corners)
-    rny, rnx = ref_data.shape
-    y0, y1 = max(0, int(np.floor(ry.min())) - REF_MARGIN), min(rny, int(np.ceil(ry.max())) + REF_MARGIN + 1)
-    x0, x1 = max(0, int(np.floor(rx.min())) - REF_MARGIN), min(rnx, int(np.ceil(rx.max())) + REF_MARGIN + 1)
-    if y1 - y0 < 16 or x1 - x0 < 16:
-        raise BadInputError("the reference does not cover the cut-out")
-    cut = np.asarray(ref_data[y0:y1, x0:x1], np.float32)
-    return reference_on_grid(cut, forced.shifted_header(ref_header, x0, y0, cut.shape), grid_header, shape, scale)
 
 
 def _aperture(psf_header, fwhm: float, pixscale: float) -> tuple[float, float]:
@@ -91,16 +51,6 @@ def _aperture(psf_header, fwhm: float, pixscale: float) -> tuple[float, float]:
     if len(radii) >= 2:
         radius = float(np.clip(radius, radii[0], radii[-1]))
     return radius, growth_correction(psf_header, radius, pixscale) or 1.0
-
-
-def _seeing_px(header, pixscale: float) -> float | None:
-    """FWHM in px on the frame's grid from SEEING (arcsec, as the photometry stage writes it) or
-    FWHM (arcsec, as the simulator's references carry it); None without either."""
-    value = next((header[k] for k in ("SEEING", "FWHM") if header.get(k) not in (None, "")), None)
-    try:
-        return float(value) / pixscale if value is not None and float(value) > 0 else None
-    except (TypeError, ValueError):
-        return None
 
 
 def _row(mjd, filt, name, kind, flux, err, zp, method, radius) -> dict:
@@ -118,8 +68,8 @@ def _difference_at(hdul, idx, x, y, ref, scale, seeing, ref_seeing, half):
         box = forced.cutout_box(hdul[idx].data.shape, x, y, h)
         if box in cuts:
             continue
-        new, var, mask, grid = _frame_cut(hdul, idx, box)
-        cuts[box] = (new, var, mask, *_reference_cut(ref[0], ref[1], grid, new.shape, scale))
+        new, var, mask, grid = frame_cut(hdul, idx, box)
+        cuts[box] = (new, var, mask, *reference_cut(ref.data, ref.header, grid, new.shape, scale))
         try:
             return forced.native_difference(*cuts[box], saturation=saturation), box
         except BadInputError:
@@ -128,7 +78,7 @@ def _difference_at(hdul, idx, x, y, ref, scale, seeing, ref_seeing, half):
     return forced.difference(*cuts[box], fwhm_new=seeing, fwhm_ref=ref_seeing, native=False), box
 
 
-def _frame_rows(hdul, idx, name, cands, ref, filt, pixscale, half) -> tuple[dict[int, dict], list[dict]]:
+def _frame_rows(hdul, idx, name, cands, ref: Reference, filt, pixscale, half) -> tuple[dict[int, dict], list[dict]]:
     """{candidate id: light-curve row} of one frame, and notes for the candidates it could not measure."""
     header = hdul[idx].header
     if not has_celestial_wcs(header):
@@ -136,11 +86,10 @@ def _frame_rows(hdul, idx, name, cands, ref, filt, pixscale, half) -> tuple[dict
     zp, _ = zero_point(header, ("ZP",) + tuple(settings("stack")["zp_keys"]))
     if zp is None:
         return {}, [{"frame": name, "reason": "no zero point"}]
-    zp_ref, _ = zero_point(ref[1], REF_ZP_KEYS)
-    scale = 10 ** (0.4 * (zp - zp_ref)) if zp_ref is not None else 1.0
+    scale = 10 ** (0.4 * (zp - ref.zp)) if ref.zp is not None else 1.0
     when = observation_time(header)
     mjd = float(when.mjd) + float(header.get("EXPTIME", 0.0)) / 2 / 86400 if when is not None else math.nan
-    seeing, ref_seeing = (_seeing_px(h, pixscale) for h in (header, ref[1]))
+    seeing, ref_seeing = (seeing_px(h, pixscale) for h in (header, ref.header))
     xs, ys = wcs_of(header).world_to_pixel_values(np.asarray(cands["ra"], float), np.asarray(cands["dec"], float))
     rows, notes = {}, []
     for cid, x, y in zip(np.asarray(cands["id"], int), np.atleast_1d(xs), np.atleast_1d(ys)):
@@ -156,7 +105,7 @@ def _frame_rows(hdul, idx, name, cands, ref, filt, pixscale, half) -> tuple[dict
         # the difference has the PSF of the image not convolved; the reference's growth curve, where
         # it has one, describes it when that is the reference
         fwhm = (seeing or d.fwhm) if d.convolved == "ref" else d.fwhm
-        psf_header = ref[1] if d.convolved == "new" and len(growth_radii(ref[1], pixscale)[0]) >= 2 else header
+        psf_header = ref.header if d.convolved == "new" and len(growth_radii(ref.header, pixscale)[0]) >= 2 else header
         radius, corr = _aperture(psf_header, fwhm, pixscale)
         flux, err, ok = forced.aperture_flux(d.diff, d.noise, d.mask, float(x) - box[2], float(y) - box[0], radius, corr)
         if not ok:
@@ -191,53 +140,63 @@ def _stack_rows(img, cands, aper_radius, aper_corr, half) -> dict[int, dict]:
     return rows
 
 
-def light_curves(ctx: Night, entry: dict, frame_ids: list[str], cands: Table, img: dict, aper_radius: float,
-                 aper_corr: float, *, max_candidates: int | None = None,
+def light_curves(ctx: Night, entry: dict, frames: StackFrames, frame_ids: list[str], cands: Table, img: dict,
+                 aper_radius: float, aper_corr: float, *, max_candidates: int | None = None,
                  half: int = FORCED_HALF) -> tuple[dict[str, bytes], list[dict]]:
     """{file name in the stamps folder: bytes} for each candidate's light curve (the best
     ``max_candidates`` by score, as the stamps), and notes on what could not be measured.
-    ``img`` is the detect stage's memory-mapped images of the stack."""
+    ``frames`` holds the stack's calibrated frames and reference (``stages.cutouts``), ``img``
+    the detect stage's memory-mapped images of the stack."""
     if "score" in cands.colnames:
         cands = cands[np.argsort(-np.asarray(cands["score"], float), kind="stable")]
     cands = cands[:max_candidates]
     if len(cands) == 0:
         return {}, []
     timer = Timer()
-    ref_key = find_reference(ctx.root, entry["field"], entry["filter"])
-    if ref_key is None:
+    ref = frames.reference()
+    if ref is None:
         return {}, [{"frame": "*", "reason": "no reference frame"}]
-    frames = {f["id"]: f for f in ctx.plan()["frames"]}
-    pixscale = config.instrument(ctx.unit).pixscale
-    per_cand: dict[int, list[dict]] = {int(c): [] for c in cands["id"]}
-    notes = []
-    with _image(ctx.url(ref_key)) as (rhdul, ridx):
-        ref = (rhdul[ridx].data, rhdul[ridx].header)
-        for fid in frame_ids:
-            if fid not in frames or not storage.exists(ctx.url(frames[fid]["output"])):
-                notes.append({"frame": fid, "reason": "no calibrated frame"})
-                continue
-            url = ctx.url(frames[fid]["output"])
-            with _image(url) as (hdul, idx):
-                if "VARIANCE" not in [h.name for h in hdul]:
-                    notes.append({"frame": fid, "reason": "no VARIANCE extension"})
-                    continue
-                rows, why = _frame_rows(hdul, idx, storage.basename(url), cands, ref, entry["filter"], pixscale, half)
-            notes += why
-            for cid, row in rows.items():
-                per_cand[cid].append(row)
+    per_cand, notes = _frames_rows(frames, frame_ids, cands, ref, entry["filter"],
+                                   config.instrument(ctx.unit).pixscale, half)
     for cid, row in _stack_rows(img, cands, aper_radius, aper_corr, half).items():
         per_cand[cid].append(row)
     files = {}
     for r in cands:
-        cid = int(r["id"])
-        rows = sorted(per_cand[cid], key=lambda row: (row["kind"] == "stack", row["mjd"]))
-        t = forced.light_curve_table(rows, {"CAND": cid, "RA": float(r["ra"]), "DEC": float(r["dec"]),
-                                            "STACK": storage.basename(entry["output"])})
-        buf = io.StringIO()
-        t.write(buf, format="ascii.ecsv")
-        files[f"cand_{cid:04d}.lc.ecsv"] = buf.getvalue().encode()
-        files[f"cand_{cid:04d}.lc.png"] = light_curve_png(
-            t, title=f"#{cid}  {entry['filter']}  RA {float(r['ra']):.5f} Dec {float(r['dec']):.5f}")
+        files |= _curve_files(r, per_cand[int(r["id"])], entry)
     log.event(_log, "forced light curves", stack=entry["id"], candidates=len(cands), frames=len(frame_ids),
               notes=len(notes), seconds=timer.seconds)
     return files, notes
+
+
+def _frames_rows(frames: StackFrames, frame_ids, cands, ref: Reference, filt, pixscale,
+                 half) -> tuple[dict[int, list[dict]], list[dict]]:
+    """{candidate id: its rows on the single frames}, and notes on what could not be measured."""
+    per_cand: dict[int, list[dict]] = {int(c): [] for c in cands["id"]}
+    notes = []
+    for fid in frame_ids:
+        url = frames.frame_url(fid)
+        if url is None:
+            notes.append({"frame": fid, "reason": "no calibrated frame"})
+            continue
+        with frames.frame(fid) as (hdul, idx):
+            if "VARIANCE" not in [h.name for h in hdul]:
+                notes.append({"frame": fid, "reason": "no VARIANCE extension"})
+                continue
+            rows, why = _frame_rows(hdul, idx, storage.basename(url), cands, ref, filt, pixscale, half)
+        notes += why
+        for cid, row in rows.items():
+            per_cand[cid].append(row)
+    frames.release_reference()
+    return per_cand, notes
+
+
+def _curve_files(r, rows: list[dict], entry: dict) -> dict[str, bytes]:
+    """The light-curve table (ECSV) and panel (PNG) of candidate row ``r``: frames by time, then the stack."""
+    cid = int(r["id"])
+    rows = sorted(rows, key=lambda row: (row["kind"] == "stack", row["mjd"]))
+    t = forced.light_curve_table(rows, {"CAND": cid, "RA": float(r["ra"]), "DEC": float(r["dec"]),
+                                        "STACK": storage.basename(entry["output"])})
+    buf = io.StringIO()
+    t.write(buf, format="ascii.ecsv")
+    png = light_curve_png(t, title=f"#{cid}  {entry['filter']}  RA {float(r['ra']):.5f} Dec {float(r['dec']):.5f}")
+    return {f"cand_{cid:04d}.lc.ecsv": buf.getvalue().encode(), f"cand_{cid:04d}.lc.png": png}
