@@ -147,3 +147,21 @@ def test_same_seed_same_bytes_and_cli(tmp_path, nights):
         assert (tmp_path / "obsdata/KCT/20240229" / name).read_bytes() == (Path(s["raw_dir"]) / name).read_bytes()
     bad = subprocess.run(cmd + ["--filters", "m425"], capture_output=True, text=True)
     assert bad.returncode == 78 and "unknown filter 'm425'" in bad.stderr
+
+
+def test_each_raw_frame_has_its_cosmic_ray_truth_and_nothing_half_written(nights):
+    """The raw frames go through the writer the 7DT nights use: beside each, in the truth, the mask
+    of its cosmic rays, named by the frame's stem (LOAO's .fit as KCT's .fits), where a dark's raw
+    pixels stand far above the rest; no file is left half written."""
+    for obs in ("LOAO", "KCT"):
+        root, s = nights[obs]
+        truth = Path(s["truth_dir"])
+        entries = json.loads((truth / "frames.json").read_text())
+        assert len(entries) == s["n_frames"] == sum(s["counts"].values())
+        for e in entries:
+            mask = fits.getdata(truth / "crmask" / f"{Path(e['file']).stem}.fits").astype(bool)
+            raw = fits.getdata(Path(s["raw_dir"]) / e["file"]).astype(float)
+            assert mask.shape == raw.shape and (mask.sum() > 0) == (e["n_cosmic_rays"] > 0), e["file"]
+            if e["imagetyp"] == "DARK":
+                assert np.median(raw[mask]) > np.median(raw[~mask]) + 20, e["file"]
+        assert not list(root.rglob("*.part"))
