@@ -3,14 +3,16 @@
 The night (two filters, three 100 s frames each) goes through every stage with the local runner.
 Then the m475 frames are made to look as if astrometry had failed on them (a quarantined result,
 no WCS): that stack must be flagged, not crash. Stack, subtract, detect and curate are run again
-through ``runner.execute`` as a workflow would. ``built_night`` is shared by the three test modules of these stages.
+through ``runner.execute`` as a workflow would. ``built_night`` is shared by the four test modules of these stages.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -71,8 +73,24 @@ def fail_astrometry(root: Path) -> None:
 
 @functools.lru_cache(maxsize=None)
 def built_night(base: str) -> tuple[Path, dict]:
-    """The simulated night through every stage of this issue; (root, {stage: {item: record}})."""
-    root = Path(base) / "stacknight" / "root"
+    """The simulated night through every stage of this issue; (root, {stage: {item: record}}).
+
+    Built once per session: under xdist the workers' base folders share a parent, and the first
+    worker to ask builds the night there under a lock while another waits and then reads it (the
+    four modules that use it may run on different workers; building it twice cost CI 6 minutes)."""
+    home = (Path(base).parent if os.environ.get("PYTEST_XDIST_WORKER") else Path(base)) / "stacknight"
+    home.mkdir(exist_ok=True)
+    done = home / "records.json"
+    with open(home / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            records = _build_night(home / "root")
+            done.with_suffix(".part").write_text(json.dumps(records, default=str))
+            done.with_suffix(".part").replace(done)
+    return home / "root", json.loads(done.read_text())
+
+
+def _build_night(root: Path) -> dict:
     simulate_night(root, unit=UNIT, night=DATE, filters=(GOOD, FAILED), seed=SEED, n_science=3)
     run_night(str(root), UNIT, NIGHT, workers=2, progress=False)
     fail_astrometry(root)
@@ -83,7 +101,7 @@ def built_night(base: str) -> tuple[Path, dict]:
                 continue  # as the runner's chain does: a stack that failed is not subtracted
             records.setdefault(stage, {})[sid] = execute(stage, str(root), UNIT, NIGHT, sid, force=True)
     records["curate"] = {"night": execute("curate", str(root), UNIT, NIGHT)}
-    return root, records
+    return records
 
 
 @pytest.fixture(scope="module")
