@@ -107,7 +107,7 @@ def _frame_rows(hdul, idx, name, cands, ref: Reference, filt, pixscale, half) ->
         fwhm = (seeing or d.fwhm) if d.convolved == "ref" else d.fwhm
         psf_header = ref.header if d.convolved == "new" and len(growth_radii(ref.header, pixscale)[0]) >= 2 else header
         radius, corr = _aperture(psf_header, fwhm, pixscale)
-        flux, err, ok = forced.aperture_flux(d.diff, d.noise, d.mask, float(x) - box[2], float(y) - box[0], radius, corr)
+        flux, err, ok = forced.forced_flux(d, float(x) - box[2], float(y) - box[0], radius, corr)
         if not ok:
             notes.append({"frame": name, "id": int(cid), "reason": "aperture masked or off the cut-out"})
             continue
