@@ -217,18 +217,6 @@ def test_sim_command_makes_the_transient_brighten_only_when_asked(tmp_path):
     assert all("transient_mag" not in e for e in plain) and "light_curve" not in transient
 
 
-def _resident_kib(path) -> int:
-    """Resident KiB of this process's mappings of ``path`` (Linux /proc/self/smaps)."""
-    total, inside = 0, False
-    for line in open("/proc/self/smaps"):
-        head = line.split()
-        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
-            inside = len(head) >= 6 and head[-1] == str(path)
-        elif inside and head[0] == "Rss:":
-            total += int(head[1])
-    return total
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 def test_stack_frames_open_each_file_once_and_let_its_pages_go(night):
     """The centroids and the light curves are served by one opening of each frame and of the
@@ -236,6 +224,7 @@ def test_stack_frames_open_each_file_once_and_let_its_pages_go(night):
     resident, and a box cut again afterwards reads back the file's values."""
     from gppy_stage.stages.base import Night
     from gppy_stage.stages.cutouts import frame_cut, stack_frames
+    from test_detect_memory import _mapped_rss_kib as resident_kib
 
     root = night[0]
     ctx = Night(str(root), UNIT, NIGHT)
@@ -248,8 +237,8 @@ def test_stack_frames_open_each_file_once_and_let_its_pages_go(night):
             ny, nx = hdul[idx].data.shape
             whole = [np.array(hdul[i].data) for i in range(len(hdul)) if hdul[i].data is not None]
             first = frame_cut(hdul, idx, (10, 60, 20, 90))
-            touched = _resident_kib(path)
-        released = _resident_kib(path)
+            touched = resident_kib(path)
+        released = resident_kib(path)
         with frames.frame(fid) as (again, idx2):
             second = frame_cut(again, idx2, (10, 60, 20, 90))
         assert again is hdul and frames.reference() is frames.reference()
