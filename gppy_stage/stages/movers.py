@@ -48,7 +48,7 @@ def frame_catalogues(ctx: Night, field: str, threshold: float) -> tuple[list[Tab
             ra, dec = np.asarray(cat["ALPHA_J2000"], float), np.asarray(cat["DELTA_J2000"], float)
             flags = np.asarray(cat["FLAGS"], int) if "FLAGS" in cat.colnames else np.zeros(len(cat), int)
         except (ValueError, KeyError) as exc:
-            raise BadInputError(f"photometry catalogue unreadable ({exc})", path=ctx.url(key)) from None
+            raise BadInputError(f"photometry catalogue unreadable ({exc})", path=ctx.url(key)) from exc
         with np.errstate(divide="ignore", invalid="ignore"):
             keep = (err > 0) & (flux / err >= threshold) & np.isfinite(ra) & np.isfinite(dec)
         keep &= (flags & TRUNCATED) == 0  # a source cut by the frame's edge has a centroid off its track
