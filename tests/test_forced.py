@@ -102,7 +102,7 @@ def night(tmp_path_factory):
     simulate_night(root, unit=UNIT, night=NIGHT[:10], filters=(FILTER,), size="tiny", seed=4, n_science=12,
                    transient_lc=LightCurve(CHANGE))
     report = run_night(str(root), UNIT, NIGHT, workers=2, progress=False)
-    assert report["exit_code"] == 0, report["failed"]
+    assert report["exit_code"] == 0, report["failures"]
     truth_dir = root / "truth" / UNIT / NIGHT
     frames = [e for e in json.loads((truth_dir / "frames.json").read_text()) if e["imagetyp"] == "LIGHT"]
     transient = json.loads((truth_dir / "transients.json").read_text())["transient"]
