@@ -53,7 +53,7 @@ install: deps-debian-test
 # full-size night they share) on one worker
 PYTEST_WORKERS ?= 2
 test: install
-	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow and not container" $(PYTEST_ARGS)

@@ -71,3 +71,15 @@ def s3_root(s3_endpoint):
 @pytest.fixture(scope="session")
 def real_dir() -> Path:
     return REAL
+
+
+# The longest modules go to the xdist workers first (make test passes --no-loadscope-reorder, which
+# keeps this order instead of xdist's most-tests-first): with --dist loadfile a module is one unit
+# of work, and the full-size night (test_memory, about a third of the run) started last was the
+# whole run's tail. The rest keep their alphabetical order.
+LONGEST_FIRST = ("test_memory.py", "test_imsng_night.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
