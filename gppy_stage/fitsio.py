@@ -1,4 +1,4 @@
-"""Reading raw frames without loading them whole, and writing products atomically.
+"""Reading raw frames without loading them whole, reading header values, and writing products atomically.
 
 A 61-megapixel 7DT frame is 122 MB as uint16 and 245 MB as float32; the masters stage reads row
 chunks through a memory map so nine of them combine in bounded memory.
@@ -7,6 +7,7 @@ chunks through a memory map so nine of them combine in bounded memory.
 from __future__ import annotations
 
 import contextlib
+import math
 import tempfile
 import warnings
 from pathlib import Path
@@ -46,6 +47,19 @@ def image_hdu_index(hdul: fits.HDUList) -> int:
         if hdu.is_image and hdu.header.get("NAXIS", 0) == 2:
             return i
     raise BadInputError("no 2-D image in this file", path=hdul.filename())
+
+
+def header_zero_point(header: fits.Header, keys) -> tuple[float | None, str | None]:
+    """(value, key) of the first of ``keys`` the header holds as a finite number, or (None, None):
+    the photometry stage writes ``ZP``, a reference frame may carry ``MAGZERO`` or another name."""
+    for key in keys:
+        value = header.get(key)
+        try:
+            if value is not None and math.isfinite(float(value)):
+                return float(value), key
+        except (TypeError, ValueError):
+            continue
+    return None, None
 
 
 class RawFrame:

@@ -8,8 +8,9 @@ Processed:   calib_<unit>_<field>_<YYYYMMDD>_<HHMMSS>_<filter>_<exptime>.fits
              stacks ...-<total>com.fits, differences hd<stack>, convolved references hc<stack>)
 
 Every product name is made here: the plan names frames and stacks, the stages name what they
-derive from them (:func:`difference_keys`, :func:`phot_keys`), and :func:`convention` says, from
-the registry's ``header_dialect``, whether a site's products take 7DT's names or gpPy's.
+derive from them (:func:`difference_keys`, :func:`phot_keys`, :func:`candidate_keys`,
+:func:`weight_key`), and :func:`convention` says, from the registry's ``header_dialect``, whether
+a site's products take 7DT's names or gpPy's.
 
 OBJECT may itself contain ``_``, so raw names are split from both ends.
 
@@ -259,6 +260,28 @@ def stack_name(unit: str, field: str, mid: datetime, filt: str, total_exptime: f
     exposure); at an IMSNG/GECKO site ``Calib-<OBS>-<OBJECT>-<YYYYMMDD>-<HHMMSS>-<filter>-<total>com.fits``
     (gpPy's ``C*com.fits``; its older ``..._gregister-com.fits`` variant is not written)."""
     return calib_name(unit, field, mid, filt, total_exptime)[: -len(".fits")] + "com.fits"
+
+
+def stem(key: str) -> str:
+    """``.../calib_..._300com.fits`` -> ``.../calib_..._300com`` (products of a stack share it)."""
+    return key[: -len(".fits")] if key.endswith(".fits") else key
+
+
+def weight_key(stack_key: str) -> str:
+    """SWarp's weight map of a stack, beside it."""
+    return stem(stack_key) + ".weight.fits"
+
+
+def candidate_keys(stack_key: str) -> dict[str, str]:
+    """The detect stage's products of a stack: the candidate table, its DS9 regions and the stamps folder."""
+    s = stem(stack_key)
+    return {"table": f"{s}.cand.ecsv", "regions": f"{s}.cand.reg", "stamps": f"{s}.stamps"}
+
+
+def completeness_keys(stack_key: str) -> dict[str, str]:
+    """The completeness stage's products of a stack: its record and its plot."""
+    s = stem(stack_key)
+    return {"table": f"{s}.completeness.json", "plot": f"{s}.completeness.png"}
 
 
 def _split(key: str) -> tuple[str, str]:

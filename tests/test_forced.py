@@ -165,15 +165,15 @@ def test_forced_fluxes_follow_the_brightening_truth(night):
 
 def test_a_candidate_without_flux_gets_upper_limits(night):
     """Forced at a blank place of the stack (no star in the reference), every frame is a limit."""
+    from gppy_stage.names import difference_keys
     from gppy_stage.stages.base import Night
     from gppy_stage.stages.cutouts import primary_images, stack_frames
     from gppy_stage.stages.forced import light_curves
-    from gppy_stage.stages.subtract import product_keys
 
     root, frames, transient, stack_dir, cands = night
     ctx = Night(str(root), UNIT, NIGHT)
     (entry,) = ctx.plan()["stacks"]
-    keys = product_keys(entry["output"])
+    keys = difference_keys(entry["output"])
     urls = {"diff": ctx.url(keys["diff"]), "noise": ctx.url(keys["noise"]), "mask": ctx.url(keys["mask"]),
             "new": ctx.url(entry["output"]), "ref": ctx.url(keys["ref"])}
     from astropy.wcs import WCS

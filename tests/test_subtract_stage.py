@@ -12,8 +12,8 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from gppy_stage.stages.photometry import product_keys as phot_keys
-from gppy_stage.stages.subtract import find_reference
+from gppy_stage.names import phot_keys
+from gppy_stage.stages.reference import find_reference
 from test_stack import GOOD, NIGHT, STACK_FAILED, STACK_GOOD, UNIT, built_night, plan_of, truth_frames
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""A header's WCS, read quietly."""
+"""A header's WCS: whether it has one on the sky, and reading it quietly."""
 
 from __future__ import annotations
 
@@ -14,3 +14,10 @@ def wcs_of(header: fits.Header) -> WCS:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FITSFixedWarning)
         return WCS(header)
+
+
+def has_celestial_wcs(header: fits.Header) -> bool:
+    """Whether the header places its pixels on the sky (RA/Dec axes with a reference point): a
+    frame astrometry failed on has none."""
+    c1, c2 = str(header.get("CTYPE1", "")), str(header.get("CTYPE2", ""))
+    return c1.startswith("RA--") and c2.startswith("DEC-") and "CRVAL1" in header and "CRVAL2" in header

@@ -39,7 +39,8 @@ from astropy.io import fits
 from .. import config, log, storage
 from ..config import settings
 from ..errors import BadInputError
-from ..fitsio import put_hdul, read_hdul
+from ..fitsio import header_zero_point, put_hdul, read_hdul
+from ..names import completeness_keys, difference_keys, stem
 from ..report import read_header
 from ..science import completeness as cm
 from ..science.detect import detect_candidates
@@ -47,9 +48,8 @@ from ..science.subtract_native import DEFAULTS as NATIVE_DEFAULTS
 from ..science.wcsutil import wcs_of
 from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
 from .detect import candidate_aperture
-from .stack import stem, zero_point
-from .subtract import (choose_engine, find_reference, product_keys, reference_on_grid, run_subtraction,
-                       without_difference)
+from .reference import find_reference, reference_on_grid, without_difference
+from .subtract import choose_engine, run_subtraction
 
 _log = log.get("completeness")
 
@@ -59,11 +59,6 @@ NOT_MEASURED = "not measured"
 class Unmeasurable(Exception):
     """A stack whose completeness cannot be measured (too few stars for its PSF, no room for
     sources): said in the result, as a stack without a reference is; no failure of the night."""
-
-
-def completeness_keys(stack_key: str) -> dict[str, str]:
-    s = stem(stack_key)
-    return {"table": f"{s}.completeness.json", "plot": f"{s}.completeness.png"}
 
 
 def window(shape: tuple[int, int], size: int) -> tuple[int, int, int, int]:
@@ -102,14 +97,14 @@ def _det_xy(t) -> np.ndarray:
 
 def measure(ctx: Night, entry: dict, cfg: dict, det_cfg: dict, sub_cfg: dict, diff_meta: dict) -> dict:
     """Inject, subtract, detect and fit on a window of one stack; the record the products hold."""
-    keys = product_keys(entry["output"])
+    keys = difference_keys(entry["output"])
     stack_url, diff_url = ctx.url(entry["output"]), ctx.url(keys["diff"])
     (header, diff_header, ref_header), box, (new, new_var, new_mask), real = _load_window(ctx, keys, stack_url, cfg)
     fwhm = float(diff_header.get("FWHM") or 0) or float(header.get("PEEING") or 0)
     if not fwhm > 0:
         raise BadInputError("no FWHM in the difference's header", path=diff_url)
     fwhm_new = float(diff_header.get("FWHMNEW") or 0) or fwhm
-    zp_new, _ = zero_point(header, ("ZP",) + tuple(settings("stack")["zp_keys"]))
+    zp_new, _ = header_zero_point(header, ("ZP",) + tuple(settings("stack")["zp_keys"]))
     zp_diff = float(diff_header.get("ZP", zp_new or 0.0))
     if zp_new is None:
         raise BadInputError("the stack has no zero point: magnitudes cannot be injected", path=stack_url)
@@ -234,7 +229,7 @@ def write_header_keys(url: str, cards: dict) -> None:
 def run(ctx: Night, stack: str) -> dict:
     entry = ctx.item("stack", stack)
     cfg, det_cfg, sub_cfg = settings("completeness"), settings("detect"), settings("subtract")
-    keys, out = product_keys(entry["output"]), completeness_keys(entry["output"])
+    keys, out = difference_keys(entry["output"]), completeness_keys(entry["output"])
     result = {"stack": stack, "output": out["table"]}
     diff_url, stack_url, table_url = ctx.url(keys["diff"]), ctx.url(entry["output"]), ctx.url(out["table"])
     if not storage.exists(diff_url):

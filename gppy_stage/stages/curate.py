@@ -19,7 +19,6 @@ import json
 from .. import log, names, report, storage
 from ..config import settings
 from .base import Night, Timer, utcnow
-from .stack import stem
 
 _log = log.get("curate")
 
@@ -27,7 +26,7 @@ _log = log.get("curate")
 def night_products(ctx: Night) -> list[str]:
     """Keys of what this night's plan made under processed/, found in storage."""
     plan = ctx.plan()
-    wanted_stems = {stem(f["output"]) for f in plan["frames"]} | {stem(s["output"]) for s in plan["stacks"]}
+    wanted_stems = {names.stem(f["output"]) for f in plan["frames"]} | {names.stem(s["output"]) for s in plan["stacks"]}
     folders = sorted({f["output"].rsplit("/", 1)[0] for f in plan["frames"]} |
                      {s["output"].rsplit("/", 1)[0] for s in plan["stacks"]})
     keys = []

@@ -10,7 +10,7 @@ consumer done with a frame lets its pages go (``StackFrames.frame``), so what st
 not grow with the number of frames.
 
 ``frame_cut`` reads a box of a frame; ``reference_cut`` resamples the reference onto a box's grid
-(SWarp, through ``stages.subtract.reference_on_grid``), cutting the reference around the box
+(SWarp, through ``stages.reference.reference_on_grid``), cutting the reference around the box
 first, so neither ever reads a whole frame.
 """
 
@@ -26,12 +26,11 @@ from astropy.io import fits
 
 from .. import storage
 from ..errors import BadInputError
-from ..fitsio import image_hdu_index
+from ..fitsio import header_zero_point, image_hdu_index
 from ..science import forced
 from ..science.wcsutil import wcs_of
 from .base import Night
-from .stack import zero_point
-from .subtract import REF_ZP_KEYS, find_reference, reference_on_grid
+from .reference import REF_ZP_KEYS, find_reference, reference_on_grid
 
 REF_MARGIN = 16       # px of reference beyond the cut-out's footprint, for SWarp's interpolation kernel
 
@@ -151,7 +150,7 @@ class StackFrames:
             self._ref_found = True
         if self._ref_key is not None and self._ref is None:
             hdul, idx = self._files.enter_context(open_image(self._ctx.url(self._ref_key)))
-            self._ref = Reference(hdul[idx].data, hdul[idx].header, zero_point(hdul[idx].header, REF_ZP_KEYS)[0])
+            self._ref = Reference(hdul[idx].data, hdul[idx].header, header_zero_point(hdul[idx].header, REF_ZP_KEYS)[0])
         return self._ref
 
     def release_reference(self) -> None:

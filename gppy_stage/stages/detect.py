@@ -39,6 +39,7 @@ import numpy as np
 from astropy.table import Table
 
 from .. import config, log, storage
+from ..names import candidate_keys, difference_keys
 from ..config import settings
 from ..science.astrometry import observation_time
 from ..science.detect import APER_FWHM, FLAG_BITS, detect_candidates, growth_correction, growth_radii
@@ -48,15 +49,9 @@ from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
 from .cutouts import StackFrames, primary_images, stack_frames
 from .forced import light_curves
 from .movers import centroid_movers, frame_catalogues, known_objects, sso_key, stack_span
-from .stack import stem
-from .subtract import product_keys, without_difference
+from .reference import without_difference
 
 _log = log.get("detect")
-
-
-def candidate_keys(stack_key: str) -> dict[str, str]:
-    s = stem(stack_key)
-    return {"table": f"{s}.cand.ecsv", "regions": f"{s}.cand.reg", "stamps": f"{s}.stamps"}
 
 
 def reference_catalogue(root: str, field: str, when, obs: str = "") -> Table | None:
@@ -117,7 +112,7 @@ def candidate_aperture(diff_header, stack_header, ref_header, fwhm: float, pixsc
 def run(ctx: Night, stack: str) -> dict:
     entry = ctx.item("stack", stack)
     cfg = settings("detect")
-    keys, ckeys = product_keys(entry["output"]), candidate_keys(entry["output"])
+    keys, ckeys = difference_keys(entry["output"]), candidate_keys(entry["output"])
     result = {"stack": stack, "output": ckeys["table"]}
     diff_url = ctx.url(keys["diff"])
     if not storage.exists(diff_url):

@@ -16,11 +16,12 @@ from astropy.table import Table
 from .. import storage
 from ..config import settings
 from ..errors import BadInputError
+from ..fitsio import header_zero_point
+from ..names import phot_keys
 from ..science.detect import FLAG_BITS, candidate_score
-from ..science.wcsutil import wcs_of
+from ..science.wcsutil import has_celestial_wcs, wcs_of
 from .base import Night
 from .cutouts import Reference, StackFrames, frame_cut, reference_cut, seeing_px
-from .photometry import product_keys as phot_keys
 
 
 # SExtractor FLAGS: the object is truncated at the image boundary (8), an aperture incomplete (16)
@@ -164,10 +165,9 @@ def _frame_centroids(hdul, idx, ra, dec, ref: Reference, wcs, fwhm, pixscale):
     """(x, y, error) on the stack's grid of the difference flux near each (ra, dec) in one frame
     (NaN where none), or None when the frame cannot be differenced."""
     from ..science import forced, moving as mv
-    from .stack import has_celestial_wcs, zero_point
 
     header = hdul[idx].header
-    zp, _ = zero_point(header, ("ZP",) + tuple(settings("stack")["zp_keys"]))
+    zp, _ = header_zero_point(header, ("ZP",) + tuple(settings("stack")["zp_keys"]))
     if not has_celestial_wcs(header) or zp is None or "VARIANCE" not in [h.name for h in hdul]:
         return None
     scale = 10 ** (0.4 * (zp - ref.zp)) if ref.zp is not None else 1.0

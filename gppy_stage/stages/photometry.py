@@ -30,11 +30,6 @@ _log = log.get("photometry")
 SETTINGS = {"match_radius_arcsec": 1.0, "mag_range": [12.0, 17.5], "max_ref_err": 0.05, "version": 1}
 
 
-def product_keys(output_key: str) -> tuple[str, str]:
-    """(catalogue key, plot key) next to a calib frame key."""
-    return phot_keys(output_key)
-
-
 def reference_key(ctx: Night, obj: str, product_url: str) -> tuple[str, str]:
     """(key, kind) of the site's reference catalogue of the field; bad input naming every file
     looked for when the root holds none of them."""
@@ -56,7 +51,7 @@ def run_product(ctx: Night, key: str, obj: str, band: str | None, label: str | N
     reg = config.instrument(ctx.unit)
     output_url = ctx.url(key)
     label = label or key.rsplit("/", 1)[-1]
-    cat_key, png_key = product_keys(key)
+    cat_key, png_key = phot_keys(key)
     if not storage.exists(output_url):
         raise BadInputError("reduced frame not found: run the reduce and astrometry stages first", path=output_url)
     ref_key, ref_kind = reference_key(ctx, obj, output_url)

@@ -14,7 +14,6 @@ usable frame raises BadInputError: the runner flags the stack and the night goes
 from __future__ import annotations
 
 import json
-import math
 from datetime import datetime
 
 import numpy as np
@@ -22,9 +21,11 @@ from astropy.io import fits
 
 from .. import config, log, storage
 from ..errors import BadInputError
-from ..fitsio import clean_header, put_hdul
+from ..fitsio import clean_header, header_zero_point, put_hdul
+from ..names import weight_key
 from ..report import read_header
 from ..science import stack as sk
+from ..science.wcsutil import has_celestial_wcs
 from ..tools import swarp as sw
 from .base import Night, Timer, input_hash, is_done, read_sidecar, stamp_provenance, write_sidecar
 
@@ -36,31 +37,6 @@ FRAME_STAGES = ("reduce", "astrometry", "photometry")
 CARRY_KEYS = ("OBJECT", "FILTER", "IMAGETYP", "TELESCOP", "INSTRUME", "GAIN", "XBINNING", "YBINNING", "XPIXSZ",
               "YPIXSZ", "FOCALLEN", "OBSERVAT", "SITELAT", "SITELONG", "SITEELEV", "OBJCTRA", "OBJCTDEC", "RA", "DEC",
               "RDNOISE", "REFCAT")
-
-
-def stem(key: str) -> str:
-    """``.../calib_..._300com.fits`` -> ``.../calib_..._300com`` (products of a stack share it)."""
-    return key[: -len(".fits")] if key.endswith(".fits") else key
-
-
-def weight_key(stack_key: str) -> str:
-    return stem(stack_key) + ".weight.fits"
-
-
-def has_celestial_wcs(header: fits.Header) -> bool:
-    c1, c2 = str(header.get("CTYPE1", "")), str(header.get("CTYPE2", ""))
-    return c1.startswith("RA--") and c2.startswith("DEC-") and "CRVAL1" in header and "CRVAL2" in header
-
-
-def zero_point(header: fits.Header, keys) -> tuple[float | None, str | None]:
-    for key in keys:
-        value = header.get(key)
-        try:
-            if value is not None and math.isfinite(float(value)):
-                return float(value), key
-        except (TypeError, ValueError):
-            continue
-    return None, None
 
 
 def frame_failure(ctx: Night, frame_id: str) -> str | None:
@@ -90,7 +66,7 @@ def check_header(ctx: Night, frame: dict, cfg: dict) -> tuple[fits.Header, float
         return "no WCS (astrometry failed or not run)"
     if str(header.get("CTYPE1", "")).endswith("-SIP"):
         return "SIP distortion (solve-field without SCAMP refinement): SWarp cannot apply it"
-    zp, zp_key = zero_point(header, cfg["zp_keys"])
+    zp, zp_key = header_zero_point(header, cfg["zp_keys"])
     if zp is None:
         return f"no zero point (none of {', '.join(cfg['zp_keys'])} in the header)"
     return header, zp, zp_key

@@ -1,11 +1,11 @@
 """The subtract stage: a stack minus its reference frame -> ``*com.diff.fits`` (+ noise, mask, ref).
 
 The reference (``ref_frame/<filter>/ref_7DT_<OBJ>_*.fits``, else ``ref_PS1_<OBJ>_*_<filter>_0.fits``)
-is resampled onto the stack's grid by SWarp (the tool the stack already uses; astropy's reproject
-would be one more dependency), its variance carried as a SWarp weight map, and scaled to the
-stack's zero point when it has one. ``science.subtract.subtract`` then matches the PSFs with the
-engine of ``config/subtract.yaml`` (``native`` by default, ``hotpants`` when configured and on
-PATH) on the array namespace of ``gppy_stage.xp.get_xp()``.
+is resampled onto the stack's grid by SWarp through ``stages.reference`` (the tool the stack already
+uses; astropy's reproject would be one more dependency), its variance carried as a SWarp weight
+map, and scaled to the stack's zero point when it has one. ``science.subtract.subtract`` then
+matches the PSFs with the engine of ``config/subtract.yaml`` (``native`` by default, ``hotpants``
+when configured and on PATH) on the array namespace of ``gppy_stage.xp.get_xp()``.
 
 Products beside the stack (``<stem>`` = the stack's name without ``.fits``):
 ``<stem>.diff.fits`` (new - ref, in the reference's scale, WCS, ``ZP`` of the difference and the
@@ -19,7 +19,6 @@ detect stage and the report carry that on.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import shutil
 from dataclasses import dataclass
@@ -30,50 +29,14 @@ from astropy.io import fits
 from .. import log, names, storage
 from ..config import settings
 from ..errors import BadInputError, ConfigError
-from ..fitsio import put_hdul, read_hdul
-from ..headers import plausible_gain
-from ..science.photometry import NMAD
+from ..fitsio import header_zero_point, put_hdul, read_hdul
 from ..science.subtract import subtract as subtract_images
 from ..science.wcsutil import wcs_of
-from ..tools import swarp as sw
 from ..xp import device_name, get_xp
 from .base import Night, Timer, input_hash, is_done, read_sidecar, stamp_provenance, write_sidecar
-from .stack import zero_point
+from .reference import NO_REFERENCE, REF_ZP_KEYS, find_reference, reference_on_grid
 
 _log = log.get("subtract")
-
-NO_REFERENCE = "no reference"
-REF_ZP_KEYS = ("ZP", "ZP_AUTO", "ZP_APER_1", "MAGZERO", "MAGZPT")
-
-
-def product_keys(stack_key: str) -> dict[str, str]:
-    return names.difference_keys(stack_key)  # 7DT's <stem>.diff.fits..., gpPy's hd<stem>/hc<stem>
-
-
-def without_difference(ctx: Night, entry: dict, diff_url: str, purpose: str) -> dict:
-    """The result of a stage that reads a stack's difference image when there is none: "no
-    reference" when there was nothing to subtract (``purpose`` says what is then not done);
-    otherwise the subtract stage failed on it, which is said, naming the file."""
-    if find_reference(ctx.root, entry["field"], entry["filter"]) is None:
-        return {"status": NO_REFERENCE, "flag": "no_reference", "output": None,
-                "reason": f"no reference frame for {entry['field']} in {entry['filter']}: nothing to {purpose}"}
-    raise BadInputError(f"stack {entry['id']} has no difference image (see the subtract stage's result)", path=diff_url)
-
-
-def find_reference(root: str, field: str, filt: str, patterns=None) -> str | None:
-    """Key (relative to root) of the reference frame of a field and filter, or None.
-
-    Patterns are tried in order (7DT's own deep stacks first, then PS1); within one the last
-    name in sort order wins, so a newer reference named with a later date replaces an older one.
-    """
-    patterns = patterns or settings("reference")["patterns"]
-    prefix = f"ref_frame/{filt}"
-    names = [o.key for o in storage.list_objects(storage.join(root, prefix), recursive=False)]
-    for pattern in patterns:
-        hits = sorted(n for n in names if fnmatch.fnmatchcase(n, pattern.format(obj=field, filter=filt)))
-        if hits:
-            return f"{prefix}/{hits[-1]}"
-    return None
 
 
 def choose_engine(cfg: dict) -> str:
@@ -85,39 +48,6 @@ def choose_engine(cfg: dict) -> str:
     if engine == "hotpants" and not shutil.which("hotpants"):
         raise ConfigError("subtract.yaml asks for the hotpants engine but hotpants is not on PATH")
     return engine
-
-
-def reference_variance(ref: np.ndarray, header: fits.Header) -> np.ndarray | None:
-    """Variance of a (sky-subtracted) reference: the sky's, measured from the image itself, plus
-    the sources' Poisson noise from its gain in e-/ADU (EGAIN; GAIN only where it can be e-/ADU,
-    since 7DT's GAIN is the camera setting 2750). None without a usable gain: the engine then
-    measures a flat variance from the sky scatter."""
-    gain = next((float(header[k]) for k in ("EGAIN", "GAIN") if plausible_gain(header.get(k))), None)
-    finite = ref[np.isfinite(ref)]
-    if gain is None or finite.size < 100:
-        return None
-    sample = finite[:: max(1, finite.size // 1_000_000)]
-    sky = float(np.median(sample))
-    sky_var = float((NMAD * np.median(np.abs(sample - sky))) ** 2)
-    var = sky_var + np.clip(ref - sky, 0, None) / gain
-    return np.where(var > 0, var, np.nan).astype(np.float32)
-
-
-def reference_on_grid(ref: np.ndarray, ref_header: fits.Header, grid_header: fits.Header, shape: tuple[int, int],
-                      scale: float) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """(image, variance or None, bad-pixel mask) of the reference resampled onto a grid and scaled."""
-    var = reference_variance(ref, ref_header)
-    weight = None if var is None else np.where(np.isfinite(var), 1.0 / np.where(np.isfinite(var), var, 1.0), 0.0)
-    good = np.isfinite(ref)
-    item = sw.SwarpInput(data=np.where(good, ref, 0.0), header=ref_header,
-                         weight=np.where(good, 1.0 if weight is None else weight, 0.0))
-    out = sw.resample(item, grid_header, shape, {"NTHREADS": int(settings("stack")["nthreads"])})
-    covered = out.weight > 0
-    img = np.where(covered, out.image * scale, 0.0).astype(np.float32)
-    rvar = None
-    if var is not None:
-        rvar = np.where(covered, scale * scale / np.where(covered, out.weight, 1.0), 0.0).astype(np.float32)
-    return img, rvar, ~covered
 
 
 def load_stack(url: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, fits.Header]:
@@ -160,7 +90,7 @@ def run(ctx: Night, stack: str) -> dict:
     entry = ctx.item("stack", stack)
     cfg = settings("subtract")
     stack_url = ctx.url(entry["output"])
-    keys = product_keys(entry["output"])
+    keys = names.difference_keys(entry["output"])
     result = {"stack": stack, "output": keys["diff"]}
     if not storage.exists(stack_url):
         raise BadInputError(f"stack {stack} was not made (see the stack stage's result)", path=stack_url)
@@ -231,8 +161,8 @@ def _load_pair(stack_url: str, ref_url: str) -> Pair:
     with read_hdul(ref_url) as hdul:
         ref_raw = np.asarray(hdul[0].data, np.float32)
         ref_header = hdul[0].header.copy()
-    zp_new, _ = zero_point(header, ("ZP",) + tuple(settings("stack")["zp_keys"]))
-    zp_ref, _ = zero_point(ref_header, REF_ZP_KEYS)
+    zp_new, _ = header_zero_point(header, ("ZP",) + tuple(settings("stack")["zp_keys"]))
+    zp_ref, _ = header_zero_point(ref_header, REF_ZP_KEYS)
     # the reference on the stack's zero point: the kernel then only matches PSFs, its flux scale
     # near 1 checks both zero points
     scale = 10 ** (0.4 * (zp_new - zp_ref)) if zp_new is not None and zp_ref is not None else 1.0
