@@ -39,7 +39,7 @@ from astropy.io import fits
 from .. import config, log, storage
 from ..config import settings
 from ..errors import BadInputError
-from ..fitsio import header_zero_point, put_hdul, read_hdul
+from ..fitsio import put_hdul, read_hdul
 from ..names import completeness_keys, difference_keys, stem
 from ..report import read_header
 from ..science import completeness as cm
@@ -48,7 +48,7 @@ from ..science.subtract_native import DEFAULTS as NATIVE_DEFAULTS
 from ..science.wcsutil import wcs_of
 from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
 from .detect import candidate_aperture
-from .reference import find_reference, reference_on_grid, without_difference
+from .reference import find_reference, image_zero_point, reference_on_grid, without_difference
 from .subtract import choose_engine, run_subtraction
 
 _log = log.get("completeness")
@@ -104,7 +104,7 @@ def measure(ctx: Night, entry: dict, cfg: dict, det_cfg: dict, sub_cfg: dict, di
     if not fwhm > 0:
         raise BadInputError("no FWHM in the difference's header", path=diff_url)
     fwhm_new = float(diff_header.get("FWHMNEW") or 0) or fwhm
-    zp_new, _ = header_zero_point(header, ("ZP",) + tuple(settings("stack")["zp_keys"]))
+    zp_new = image_zero_point(header)
     zp_diff = float(diff_header.get("ZP", zp_new or 0.0))
     if zp_new is None:
         raise BadInputError("the stack has no zero point: magnitudes cannot be injected", path=stack_url)

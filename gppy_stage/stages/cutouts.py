@@ -26,11 +26,11 @@ from astropy.io import fits
 
 from .. import storage
 from ..errors import BadInputError
-from ..fitsio import header_zero_point, image_hdu_index
+from ..fitsio import image_hdu_index
 from ..science import forced
 from ..science.wcsutil import wcs_of
 from .base import Night
-from .reference import REF_ZP_KEYS, find_reference, reference_on_grid
+from .reference import find_reference, reference_on_grid, reference_zero_point
 
 REF_MARGIN = 16       # px of reference beyond the cut-out's footprint, for SWarp's interpolation kernel
 
@@ -106,7 +106,7 @@ def seeing_px(header, pixscale: float) -> float | None:
 class Reference(NamedTuple):
     data: np.ndarray      # memory-mapped
     header: fits.Header
-    zp: float | None      # REF_ZP_KEYS' zero point; None without one
+    zp: float | None      # reference_zero_point's value; None without one
 
 
 class StackFrames:
@@ -150,7 +150,7 @@ class StackFrames:
             self._ref_found = True
         if self._ref_key is not None and self._ref is None:
             hdul, idx = self._files.enter_context(open_image(self._ctx.url(self._ref_key)))
-            self._ref = Reference(hdul[idx].data, hdul[idx].header, header_zero_point(hdul[idx].header, REF_ZP_KEYS)[0])
+            self._ref = Reference(hdul[idx].data, hdul[idx].header, reference_zero_point(hdul[idx].header))
         return self._ref
 
     def release_reference(self) -> None:

@@ -23,9 +23,7 @@ import numpy as np
 from astropy.table import Table
 
 from .. import config, log, storage
-from ..config import settings
 from ..errors import BadInputError
-from ..fitsio import header_zero_point
 from ..science.wcsutil import has_celestial_wcs, wcs_of
 from ..science import forced
 from ..science.astrometry import observation_time
@@ -33,6 +31,7 @@ from ..science.detect import APER_FWHM, aperture_noise_factor, growth_correction
 from ..science.stamps import light_curve_png
 from .base import Night, Timer
 from .cutouts import Reference, StackFrames, frame_cut, reference_cut, seeing_px
+from .reference import image_zero_point
 
 _log = log.get("forced")
 
@@ -83,7 +82,7 @@ def _frame_rows(hdul, idx, name, cands, ref: Reference, filt, pixscale, half) ->
     header = hdul[idx].header
     if not has_celestial_wcs(header):
         return {}, [{"frame": name, "reason": "no celestial WCS"}]
-    zp, _ = header_zero_point(header, ("ZP",) + tuple(settings("stack")["zp_keys"]))
+    zp = image_zero_point(header)
     if zp is None:
         return {}, [{"frame": name, "reason": "no zero point"}]
     scale = 10 ** (0.4 * (zp - ref.zp)) if ref.zp is not None else 1.0

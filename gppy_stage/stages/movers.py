@@ -16,12 +16,12 @@ from astropy.table import Table
 from .. import storage
 from ..config import settings
 from ..errors import BadInputError
-from ..fitsio import header_zero_point
 from ..names import phot_keys
 from ..science.detect import FLAG_BITS, candidate_score
 from ..science.wcsutil import has_celestial_wcs, wcs_of
 from .base import Night
 from .cutouts import Reference, StackFrames, frame_cut, reference_cut, seeing_px
+from .reference import image_zero_point
 
 
 # SExtractor FLAGS: the object is truncated at the image boundary (8), an aperture incomplete (16)
@@ -167,7 +167,7 @@ def _frame_centroids(hdul, idx, ra, dec, ref: Reference, wcs, fwhm, pixscale):
     from ..science import forced, moving as mv
 
     header = hdul[idx].header
-    zp, _ = header_zero_point(header, ("ZP",) + tuple(settings("stack")["zp_keys"]))
+    zp = image_zero_point(header)
     if not has_celestial_wcs(header) or zp is None or "VARIANCE" not in [h.name for h in hdul]:
         return None
     scale = 10 ** (0.4 * (zp - ref.zp)) if ref.zp is not None else 1.0

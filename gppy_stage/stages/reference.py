@@ -20,6 +20,7 @@ from astropy.io import fits
 from .. import storage
 from ..config import settings
 from ..errors import BadInputError
+from ..fitsio import header_zero_point
 from ..headers import plausible_gain
 from ..science.photometry import NMAD
 from ..tools import swarp as sw
@@ -37,6 +38,18 @@ def without_difference(ctx: Night, entry: dict, diff_url: str, purpose: str) -> 
         return {"status": NO_REFERENCE, "flag": "no_reference", "output": None,
                 "reason": f"no reference frame for {entry['field']} in {entry['filter']}: nothing to {purpose}"}
     raise BadInputError(f"stack {entry['id']} has no difference image (see the subtract stage's result)", path=diff_url)
+
+
+def image_zero_point(header: fits.Header) -> float | None:
+    """Zero point of a stack or calibrated frame, the one the reference is scaled to: the
+    photometry stage's ``ZP``, else the first of ``stack.zp_keys``; None without one."""
+    return header_zero_point(header, ("ZP",) + tuple(settings("stack")["zp_keys"]))[0]
+
+
+def reference_zero_point(header: fits.Header) -> float | None:
+    """Zero point of a reference frame (7DT's deep stacks carry ``ZP``, PS1's ``MAGZERO`` and the
+    like: :data:`REF_ZP_KEYS`); None without one, and the reference is then used unscaled."""
+    return header_zero_point(header, REF_ZP_KEYS)[0]
 
 
 def find_reference(root: str, field: str, filt: str, patterns=None) -> str | None:

@@ -29,12 +29,12 @@ from astropy.io import fits
 from .. import log, names, storage
 from ..config import settings
 from ..errors import BadInputError, ConfigError
-from ..fitsio import header_zero_point, put_hdul, read_hdul
+from ..fitsio import put_hdul, read_hdul
 from ..science.subtract import subtract as subtract_images
 from ..science.wcsutil import wcs_of
 from ..xp import device_name, get_xp
 from .base import Night, Timer, input_hash, is_done, read_sidecar, stamp_provenance, write_sidecar
-from .reference import NO_REFERENCE, REF_ZP_KEYS, find_reference, reference_on_grid
+from .reference import NO_REFERENCE, find_reference, image_zero_point, reference_on_grid, reference_zero_point
 
 _log = log.get("subtract")
 
@@ -161,8 +161,8 @@ def _load_pair(stack_url: str, ref_url: str) -> Pair:
     with read_hdul(ref_url) as hdul:
         ref_raw = np.asarray(hdul[0].data, np.float32)
         ref_header = hdul[0].header.copy()
-    zp_new, _ = header_zero_point(header, ("ZP",) + tuple(settings("stack")["zp_keys"]))
-    zp_ref, _ = header_zero_point(ref_header, REF_ZP_KEYS)
+    zp_new = image_zero_point(header)
+    zp_ref = reference_zero_point(ref_header)
     # the reference on the stack's zero point: the kernel then only matches PSFs, its flux scale
     # near 1 checks both zero points
     scale = 10 ** (0.4 * (zp_new - zp_ref)) if zp_new is not None and zp_ref is not None else 1.0
