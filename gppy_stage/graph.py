@@ -138,7 +138,7 @@ STAGES: tuple[Stage, ...] = (
         entry="gppy_stage.stages.detect:run",
         help="Find, flag and score transient candidates on the difference image; write regions and stamps.",
         cpu="2",
-        memory="2Gi",
+        memory="2560Mi",
     ),
     Stage(
         name="completeness",
