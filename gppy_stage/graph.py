@@ -1,4 +1,6 @@
 """The stage graph: the one definition both the local runner and the Argo workflow are built from.
+Its stages are listed in ``graph.yaml`` beside this file (name, fan-out, needs, entry, help, pod
+resources); this module types and checks them and answers questions about them.
 
 Each stage is a command ``gppy stage <name> --root URL --obs UNIT --night NIGHT [--<fanout> ID]``.
 ``fanout`` says what one invocation works on:
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 FANOUTS = ("night", "calset", "frame", "stack")
@@ -64,110 +67,26 @@ class Stage:
         return getattr(importlib.import_module(module), func)
 
 
-# memory: each stage's full-size peak (make bench-full, README "Full-size figures") is at most 70 % of it
-STAGES: tuple[Stage, ...] = (
-    Stage(
-        name="plan",
-        fanout="night",
-        needs=(),
-        entry="gppy_stage.stages.plan:run",
-        help="Read the night's headers, classify frames, group calibration sets and stacks, write plan.json.",
-        memory="512Mi",
-    ),
-    Stage(
-        name="masters",
-        fanout="calset",
-        needs=("plan",),
-        entry="gppy_stage.stages.masters:run",
-        help="Combine one calibration set into master bias, darks and flats; add them to the master library.",
-        gpu=True,
-        cpu="2",
-        memory="3584Mi",
-    ),
-    Stage(
-        name="reduce",
-        fanout="frame",
-        needs=("masters",),
-        entry="gppy_stage.stages.reduce:run",
-        help="Bias, dark and flat correct one science frame, mask it and remove cosmic rays.",
-        gpu=True,
-        cpu="2",
-        memory="4608Mi",
-    ),
-    Stage(
-        name="astrometry",
-        fanout="frame",
-        needs=("reduce",),
-        entry="gppy_stage.stages.astrometry:run",
-        help="Solve one reduced frame's WCS: SExtractor, SCAMP against the local reference, MissFITS (solve-field as fallback).",
-        cpu="1",
-        memory="4Gi",
-    ),
-    Stage(
-        name="photometry",
-        fanout="frame",
-        needs=("astrometry",),
-        entry="gppy_stage.stages.photometry:run",
-        help="Measure one solved frame with SExtractor and calibrate its zero points against Gaia XP synthetic photometry.",
-        cpu="1",
-        memory="4Gi",
-    ),
-    Stage(
-        name="stack",
-        fanout="stack",
-        needs=("photometry",),
-        entry="gppy_stage.stages.stack:run",
-        help="SWarp one stack group's frames onto a common grid and zero point, then measure the stack.",
-        cpu="2",
-        memory="5Gi",
-    ),
-    Stage(
-        name="subtract",
-        fanout="stack",
-        needs=("stack",),
-        entry="gppy_stage.stages.subtract:run",
-        help="Resample the reference frame onto the stack and subtract it (native engine, or HOTPANTS).",
-        gpu=True,
-        cpu="2",
-        memory="5632Mi",
-    ),
-    Stage(
-        name="detect",
-        fanout="stack",
-        needs=("subtract",),
-        entry="gppy_stage.stages.detect:run",
-        help="Find, flag and score transient candidates on the difference image; write regions and stamps.",
-        cpu="2",
-        memory="2560Mi",
-    ),
-    Stage(
-        name="completeness",
-        fanout="stack",
-        needs=("subtract",),
-        entry="gppy_stage.stages.completeness:run",
-        help="Inject artificial stars of the stack's own PSF into a copy, subtract and search it again: CMPL50/CMPL90.",
-        cpu="2",
-        memory="3584Mi",
-    ),
-    Stage(
-        name="curate",
-        fanout="night",
-        needs=("detect", "completeness"),
-        entry="gppy_stage.stages.curate:run",
-        help="Collect the night's products, write header snapshots and the night report (JSON and Markdown).",
-        memory="512Mi",
-    ),
-    Stage(
-        name="notify",
-        fanout="night",
-        needs=(),
-        entry="gppy_stage.stages.notify:run",
-        help="Post the night's outcome to Slack (the workflow's exit handler: it runs on failure too).",
-        memory="256Mi",
-        exit_handler=True,
-        extra_args=("--status",),
-    ),
-)
+def _load(path: Path = Path(__file__).with_name("graph.yaml")) -> tuple[Stage, ...]:
+    """The stages of graph.yaml, each checked by Stage (an unknown key or fan-out is an error
+    naming the stage)."""
+    import yaml
+
+    stages = []
+    for row in yaml.safe_load(path.read_text()):
+        row = dict(row)
+        name = row.get("name", "?")
+        try:
+            stages.append(Stage(**row | {"needs": tuple(row.get("needs") or ()),
+                                         "extra_args": tuple(row.get("extra_args") or ())}))
+        except TypeError as exc:
+            raise ValueError(f"{path}: stage {name}: {exc}") from exc
+    return tuple(stages)
+
+
+# the stage graph itself is data (graph.yaml, beside this file): what each stage is, what it needs
+# and what its pod asks for; this module gives it its type and its checks
+STAGES: tuple[Stage, ...] = _load()
 
 
 def stage(name: str) -> Stage:

@@ -329,3 +329,15 @@ def test_every_container_command_is_a_real_gppy_command():
     root = checks.gppy_command()  # gppy_stage.cli.app, introspected
     for d in _committed():
         assert checks.command_errors(d, root) == []
+
+
+def test_a_stage_table_with_a_typo_is_refused_naming_the_stage(tmp_path):
+    table = tmp_path / "graph.yaml"
+    table.write_text("- {name: plan, fanout: night, needs: [], entry: 'x:y', help: h, memroy: 1Gi}\n")
+    with pytest.raises(ValueError, match=r"graph.yaml: stage plan: .*memroy"):
+        graph._load(table)
+    table.write_text("- {name: plan, fanout: nightly, needs: [], entry: 'x:y', help: h}\n")
+    with pytest.raises(ValueError, match="stage plan: unknown fanout 'nightly'"):
+        graph._load(table)
+    table.write_text("- {name: plan, fanout: night, needs: [masters], entry: 'x:y', help: h}\n")
+    assert graph._load(table)[0].needs == ("masters",)  # ordered() is what checks that needs exist
