@@ -15,18 +15,14 @@ import pytest
 
 from gppy_stage.science import forced
 from gppy_stage.science.kernel import SIGMA_PER_FWHM
+from test_forced import _gauss as _gauss_on
 
 SHAPE = (160, 160)
 X0, Y0 = 80.3, 79.6
 
 
 def _gauss(xs, ys, fluxes, fwhm):
-    s = fwhm * SIGMA_PER_FWHM
-    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
-    img = np.zeros(SHAPE)
-    for x, y, f in zip(xs, ys, fluxes):
-        img += f * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s)) / (2 * np.pi * s * s)
-    return img
+    return _gauss_on(SHAPE, xs, ys, fluxes, fwhm)
 
 
 def _pulls(method: str, fwhm_frame: tuple[float, float], fwhm_ref: float, n_epochs: int, seed: int):

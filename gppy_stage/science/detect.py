@@ -28,6 +28,7 @@ from gppy_stage.science import candidate_motion as motion
 from gppy_stage.science.candidate_measure import extract, half_light_fwhm, positions, psf_flux
 from gppy_stage.science.kernel import SIGMA_PER_FWHM
 from gppy_stage.science.mapped_copy import copy_released
+from gppy_stage.science.photometry import NMAD
 
 FLAG_BITS = {
     "near_edge": 1,
@@ -125,7 +126,7 @@ def _noise_factor(snr, good, max_samples: int = 4_000_000) -> float:
     if f.size < 1000:
         return 1.0
     med = np.median(f)
-    return float(np.clip(1.4826 * np.median(np.abs(f - med)), 0.5, 5.0))
+    return float(np.clip(NMAD * np.median(np.abs(f - med)), 0.5, 5.0))
 
 
 def _prepared(diff, noise, mask):
@@ -356,7 +357,7 @@ def aperture_noise_factor(data, noise, bad, radius, avoid_x, avoid_y, n_aperture
     if ok.sum() < 50:
         return 1.0
     z = f[ok] / fe[ok]
-    return float(max(1.0, 1.4826 * np.median(np.abs(z - np.median(z)))))
+    return float(max(1.0, NMAD * np.median(np.abs(z - np.median(z)))))
 
 
 def _finish(t: Table, wcs, zp, threshold, noise_cor: float, empty=False) -> Table:

@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from .combine import sigma_clipped_median
+from .photometry import NMAD
 
 
 def _block_background(data: np.ndarray, block: int) -> np.ndarray:
@@ -43,7 +44,7 @@ def sources(data: np.ndarray, *, nsigma: float = 5.0, grow: int = 3, block: int 
     residual = data - _block_background(data, block)
     finite = np.isfinite(residual)
     sample = residual[finite][:: max(1, int(finite.sum()) // 200_000)]
-    noise = 1.4826 * float(np.median(np.abs(sample - np.median(sample)))) if sample.size else 0.0
+    noise = NMAD * float(np.median(np.abs(sample - np.median(sample)))) if sample.size else 0.0
     with np.errstate(invalid="ignore"):
         found = ~finite | (residual > nsigma * max(noise, 1e-6))
     return ndimage.binary_dilation(found, iterations=grow) if grow else found

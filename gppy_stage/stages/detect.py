@@ -42,12 +42,12 @@ from .. import config, log, storage
 from ..names import candidate_keys, difference_keys
 from ..config import settings
 from ..science.astrometry import observation_time
-from ..science.detect import APER_FWHM, FLAG_BITS, detect_candidates, growth_correction, growth_radii
+from ..science.detect import FLAG_BITS, detect_candidates
 from ..science.stamps import candidate_stamps, region_text
 from ..science.wcsutil import wcs_of
 from .base import Night, Timer, input_hash, is_done, read_sidecar, write_sidecar
 from .cutouts import StackFrames, primary_images, stack_frames
-from .forced import light_curves
+from . import forced
 from .movers import centroid_movers, frame_catalogues, known_objects, sso_key, stack_span
 from .reference import without_difference
 
@@ -99,14 +99,8 @@ def candidate_aperture(diff_header, stack_header, ref_header, fwhm: float, pixsc
     """(radius px, total / aperture flux) for candidate fluxes: ``APER_FWHM`` FWHM, kept inside
     the growth curve the photometry stage measured on the image whose PSF the difference has
     (the stack's, unless the stack was the one convolved and the reference has a curve)."""
-    psf_header = stack_header
-    if diff_header.get("CONVOLV") == "new" and len(growth_radii(ref_header, pixscale)[0]) >= 2:
-        psf_header = ref_header
-    radii, _ = growth_radii(psf_header, pixscale)
-    radius = APER_FWHM * fwhm
-    if len(radii) >= 2:
-        radius = float(np.clip(radius, radii[0], radii[-1]))
-    return radius, growth_correction(psf_header, radius, pixscale) or 1.0
+    return forced.aperture(forced.psf_header(diff_header.get("CONVOLV"), stack_header, ref_header, pixscale), fwhm,
+                           pixscale)
 
 
 def run(ctx: Night, stack: str) -> dict:
@@ -205,8 +199,8 @@ def _search(ctx: Night, entry: dict, cfg: dict, inputs: _Inputs, img: dict, fram
     ok = passing(t, float(cfg["rb_threshold"]), int(cfg["pass_flags"]))
     stamps = candidate_stamps(img["new"][0], img["ref"][0], img["diff"][0], t[ok], half=int(cfg["stamp_half"]),
                               noise=img["noise"][0], max_stamps=int(cfg["max_stamps"]))
-    curves, lc_notes = light_curves(ctx, entry, frames, inputs.frames, t[ok], img, aper_radius, aper_corr,
-                                    max_candidates=int(cfg["max_stamps"]))
+    curves, lc_notes = forced.light_curves(ctx, entry, frames, inputs.frames, t[ok], img, aper_radius, aper_corr,
+                                           max_candidates=int(cfg["max_stamps"]))
     t["pass"] = ok
     return _Found(t, ok, fwhm, zp, (aper_radius, aper_corr), sso_used, stamps, curves, cen_notes, lc_notes)
 

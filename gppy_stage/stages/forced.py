@@ -42,9 +42,17 @@ FORCED_HALF = 128     # px: half the side of a cut-out
 KERNEL_WIDEN = 4
 
 
-def _aperture(psf_header, fwhm: float, pixscale: float) -> tuple[float, float]:
-    """(radius px, total / aperture flux) as the detect stage measures candidates: ``APER_FWHM``
-    FWHM, kept inside the growth curve of the image whose PSF the difference has."""
+def psf_header(convolved: str | None, header, ref_header, pixscale: float):
+    """The header whose growth curve describes a difference's PSF: the image not convolved, so the
+    reference's where the new image was the one convolved and the reference has a curve."""
+    if convolved == "new" and len(growth_radii(ref_header, pixscale)[0]) >= 2:
+        return ref_header
+    return header
+
+
+def aperture(psf_header, fwhm: float, pixscale: float) -> tuple[float, float]:
+    """(radius px, total / aperture flux) of a candidate's flux: ``APER_FWHM`` FWHM, kept inside
+    the growth curve of the image whose PSF the difference has (``psf_header``)."""
     radii, _ = growth_radii(psf_header, pixscale)
     radius = APER_FWHM * fwhm
     if len(radii) >= 2:
@@ -104,8 +112,7 @@ def _frame_rows(hdul, idx, name, cands, ref: Reference, filt, pixscale, half) ->
         # the difference has the PSF of the image not convolved; the reference's growth curve, where
         # it has one, describes it when that is the reference
         fwhm = (seeing or d.fwhm) if d.convolved == "ref" else d.fwhm
-        psf_header = ref.header if d.convolved == "new" and len(growth_radii(ref.header, pixscale)[0]) >= 2 else header
-        radius, corr = _aperture(psf_header, fwhm, pixscale)
+        radius, corr = aperture(psf_header(d.convolved, header, ref.header, pixscale), fwhm, pixscale)
         flux, err, ok = forced.forced_flux(d, float(x) - box[2], float(y) - box[0], radius, corr)
         if not ok:
             notes.append({"frame": name, "id": int(cid), "reason": "aperture masked or off the cut-out"})
